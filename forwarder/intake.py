@@ -1,0 +1,177 @@
+"""The intake: claims entries from the producer list and routes them to site lanes.
+
+One instance at a time is the intake leader, so that entries are routed in exactly
+the order producers pushed them, also when several instances share one queue. A
+chunk stays in `{p}:intake:claimed` from claim until route; whoever is leader next
+routes a left-over chunk first, so a crash between the two loses and reorders nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from forwarder.batch import single_event_size
+from forwarder.envelope import TRACKER_TYPES, EnvelopeError, encode_item, parse_envelope
+from forwarder.logs import get_logger
+from forwarder.metrics import DEAD_REASONS, bounded
+
+if TYPE_CHECKING:
+    from forwarder.daemon import Daemon
+
+log = get_logger(__name__)
+
+# Slack on top of max_batch_bytes for the envelope around `data` (site_id, type, id).
+ENVELOPE_SLACK_BYTES = 4096
+# Lua's unpack() in the route script takes one argument per item; Redis's Lua stack
+# holds about 8,000, so one chunk stays well below that.
+MAX_CHUNK_EVENTS = 5000
+
+
+class Intake:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.leader = False
+        self._chunk_ids = itertools.count()
+        self._validators: dict[str, Callable[[Any], Any]] = {}
+
+    async def run(self) -> None:
+        daemon = self.daemon
+        config = daemon.config
+        store = daemon.store
+        chunk = min(config.batch.intake_chunk_events, MAX_CHUNK_EVENTS)
+        while not daemon.stopping.is_set():
+            if not self.leader:
+                self.leader = await daemon.redis_call(
+                    store.acquire_leadership, daemon.instance_id, daemon.lease_ttl_ms
+                )
+                if not self.leader:
+                    await daemon.wait_stopping(config.lease.renew_interval_s)
+                    continue
+                log.info("intake leadership acquired", instance=daemon.instance_id)
+            status, items = await daemon.redis_call(
+                store.claim, daemon.instance_id, chunk, config.dead_letter.max_entries,
+                config.dead_letter.max_bytes, config.api.max_batch_bytes + ENVELOPE_SLACK_BYTES,
+                daemon.lease_ttl_ms,
+            )
+            if status == -1:
+                log.warning("intake leadership lost", instance=daemon.instance_id)
+                self.leader = False
+                continue
+            if status == -2:
+                daemon.set_dead_full(True)
+                log.error("dead-letter store is full: intake stopped until dead letters are replayed or purged",
+                          max_entries=config.dead_letter.max_entries)
+                await daemon.wait_stopping(1.0)
+                continue
+            daemon.set_dead_full(False)
+            if not items:
+                # Block until a producer pushes; BLMOVE moves the entry into the claimed
+                # list atomically, so it is safe even if this process dies right after.
+                await daemon.redis_call(
+                    daemon.redis.blmove, store.keys.events, store.keys.claimed,
+                    config.redis.block_timeout_s, "RIGHT", "RIGHT",
+                )
+                continue
+            await self.route(items)
+
+    async def route(self, items: list[bytes]) -> None:
+        daemon = self.daemon
+        config = daemon.config
+        max_bytes = config.api.max_batch_bytes
+        validate = config.batch.validate_events
+        lanes: dict[str, list[Any]] = {}
+        dead: list[tuple[int, bytes]] = []
+        received: dict[tuple[str, str], int] = {}
+        for index, raw in enumerate(items):
+            try:
+                envelope = parse_envelope(raw)
+            except EnvelopeError as exc:
+                dead.append((index, _envelope_meta(exc.reason, exc.detail, raw)))
+                continue
+            size = (
+                envelope.data_length
+                if envelope.type in TRACKER_TYPES
+                else single_event_size(envelope.type, envelope.data_length)
+            )
+            if size > max_bytes:
+                dead.append((index, _event_meta(envelope, "event_too_large", f"{size} bytes exceed {max_bytes}", size)))
+                continue
+            if validate:
+                problem = self._validate(envelope.type, raw, envelope.data_offset, envelope.data_length)
+                if problem is not None:
+                    dead.append((index, _event_meta(envelope, "schema_validation", problem, None)))
+                    continue
+            lane = envelope.lane
+            entry = lanes.get(lane)
+            if entry is None:
+                entry = lanes[lane] = [[], 0]
+            entry[0].append(encode_item(raw, envelope))
+            entry[1] += envelope.data_length + 1
+            key = (envelope.site_id, envelope.type)
+            received[key] = received.get(key, 0) + 1
+
+        chunk_id = f"{daemon.instance_id}:{next(self._chunk_ids)}"
+        result = await daemon.redis_call(
+            daemon.store.route, daemon.instance_id, chunk_id, len(items), config.batch.linger_ms,
+            config.batch.max_events, daemon.byte_ceiling, lanes, dead,
+        )
+        if result == -1:
+            log.warning("intake leadership lost before routing; the next leader routes the chunk")
+            self.leader = False
+            return
+        if result == -3:
+            log.error("claimed list changed under the intake leader; re-reading it", events=len(items))
+            return
+        metrics = daemon.metrics
+        for (site, event_type), number in received.items():
+            metrics.events_received.labels(site, event_type).inc(number)
+        for index, meta in dead:
+            record = orjson.loads(meta)
+            metrics.events_dead.labels(
+                record.get("site_id") or "unknown", record.get("type") or "unknown",
+                bounded(record["reason"], DEAD_REASONS),
+            ).inc()
+            log.warning("queue entry dead-lettered", reason=record["reason"], detail=record.get("detail"),
+                        site=record.get("site_id"), type=record.get("type"), entry_bytes=len(items[index]))
+        daemon.routed_total += len(items)
+        daemon.wake_scheduler()
+
+    def _validate(self, event_type: str, raw: bytes, offset: int, length: int) -> str | None:
+        validator = self._validators.get(event_type)
+        if validator is None:
+            from forwarder.schemas import validator as load_validator
+
+            validator = self._validators[event_type] = load_validator(event_type)
+        try:
+            validator(orjson.loads(raw[offset : offset + length]))
+        except orjson.JSONDecodeError as exc:
+            return f"data is not valid JSON: {exc}"
+        except Exception as exc:  # fastjsonschema.JsonSchemaException and its subclasses
+            return str(exc)[:500]
+        return None
+
+
+def _envelope_meta(reason: str, detail: str, raw: bytes) -> bytes:
+    # Best effort to name the site and type of a broken entry, for filtering.
+    site_id = event_type = None
+    try:
+        parsed = orjson.loads(raw)
+        if isinstance(parsed, dict):
+            site_value = parsed.get("site_id")
+            type_value = parsed.get("type")
+            site_id = str(site_value)[:64] if isinstance(site_value, str | int) else None
+            event_type = type_value[:64] if isinstance(type_value, str) else None
+    except (orjson.JSONDecodeError, RecursionError):
+        pass
+    return orjson.dumps({"reason": reason, "detail": detail, "site_id": site_id, "type": event_type,
+                         "status": None, "attempts": 0})
+
+
+def _event_meta(envelope: Any, reason: str, detail: str, size: int | None) -> bytes:
+    return orjson.dumps({"reason": reason, "detail": detail, "site_id": envelope.site_id,
+                         "type": envelope.type, "id": envelope.event_id, "status": None,
+                         "size": size, "attempts": 0})

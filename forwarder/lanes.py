@@ -1,0 +1,347 @@
+"""Sending one lane: a site's batch lane or one of its tracker lanes.
+
+A lane task holds the lane's lease, reads a prefix of the lane from Redis, sends it,
+and acknowledges it; events leave Redis only in that acknowledgement, so a crash at
+any point leaves them in the lane for the next owner. Because every request is a
+prefix of the lane, per-site per-type order holds across retries and bisection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from forwarder.backoff import backoff_delay_s, throttle_delay_s
+from forwarder.batch import BatchBody, build_batch, read_batch_results
+from forwarder.envelope import LANE_BATCH, Item, decode_item, split_lane
+from forwarder.logs import get_logger
+from forwarder.metrics import DEAD_REASONS, OUTCOMES, bounded
+from forwarder.outcome import Action, Outcome
+
+if TYPE_CHECKING:
+    from forwarder.daemon import Daemon
+
+log = get_logger(__name__)
+
+_ack_ids = itertools.count()
+
+# A lane must not bisect below this body size after a 413: the API's documented
+# limit is 10 MB, and a server that rejects a kilobyte is broken, not small.
+MIN_BYTE_CEILING = 1024
+
+
+@dataclass(slots=True)
+class LaneState:
+    """In-memory view of one lane; the persistent part (attempts) lives in Redis."""
+
+    cap_events: int
+    failures: int = 0
+    failing_since: float | None = None
+    state: str = "ok"
+    last_error: str | None = None
+    last_success_ms: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def state_json(self) -> bytes:
+        return orjson.dumps(
+            {"state": self.state, "last_error": self.last_error, "last_success_ms": self.last_success_ms}
+        )
+
+
+class LaneLost(Exception):
+    """The lane's lease now belongs to another instance; stop without touching it."""
+
+
+class LaneSender:
+    def __init__(self, daemon: Daemon, lane: str, flush_only: bool) -> None:
+        self.daemon = daemon
+        self.lane = lane
+        self.site_id, self.kind = split_lane(lane)
+        self.tracker = self.kind != LANE_BATCH
+        self.flush_only = flush_only
+        config = daemon.config
+        self.state = daemon.lane_states.get(lane)
+        if self.state is None:
+            self.state = daemon.lane_states[lane] = LaneState(cap_events=config.batch.max_events)
+
+    async def run(self) -> None:
+        daemon = self.daemon
+        store = daemon.store
+        config = daemon.config
+        sent_batches = 0
+        while True:
+            max_count = 1 if self.tracker else self.state.cap_events
+            peek = await daemon.redis_call(
+                store.peek, daemon.instance_id, self.lane, max_count, daemon.byte_ceiling
+            )
+            if peek.status < 0:
+                log.info("lane lease lost", lane=self.lane)
+                return
+            if not peek.items:
+                await self._ack(peek.now_ms, [], 0, [], keep_lease=False)
+                return
+            items = [decode_item(raw) for raw in peek.items]
+            token = config.token_for(self.site_id)
+            if token is None:
+                await self._pause(peek, "no token configured for this site", None)
+                return
+
+            if len(items) == 1 and peek.body_bytes > daemon.byte_ceiling:
+                meta = self._dead_meta(items[0], "event_too_large", None, None, peek, size=peek.body_bytes)
+                await self._ack(peek.now_ms, items, 1, [(0, meta)], keep_lease=True)
+                continue
+
+            batch: BatchBody | None = None
+            if self.tracker:
+                body = bytes(items[0].data)
+                url = daemon.api.tracker_url(self.kind)
+            else:
+                batch = build_batch(items)
+                body = batch.body
+                url = daemon.api.batch_url(self.site_id)
+
+            async with daemon.request_slots:
+                response = await daemon.api.post(url, token, body, batch=not self.tracker)
+            outcome = response.outcome
+            self._observe(outcome, len(items), len(body), response.elapsed_s)
+            sent_batches += 1
+
+            more = await self._handle(outcome, response.body, peek, items, batch, len(body))
+            if not more or daemon.stopping.is_set() or (self.flush_only and sent_batches >= 1):
+                if more:
+                    # The lease is still ours after a kept ack: hand the rest back now.
+                    await daemon.redis_call(store.release_instance_lane, daemon.instance_id, self.lane)
+                return
+
+    async def _handle(
+        self, outcome: Outcome, payload: bytes, peek: Any, items: list[Item], batch: BatchBody | None, size: int
+    ) -> bool:
+        """Act on one outcome; return True when the lane task keeps the lease for another batch."""
+        daemon = self.daemon
+        config = daemon.config
+        state = self.state
+        count = len(items)
+        action = outcome.action
+
+        if action in (Action.RESULTS, Action.ACCEPTED):
+            dead: list[tuple[int, bytes]] = []
+            if action is Action.RESULTS and batch is not None:
+                results = read_batch_results(payload, batch, count)
+                if results is None:
+                    daemon.metrics.unreadable_results.inc()
+                    log.warning("batch response without per-event results, all events acknowledged",
+                                lane=self.lane, events=count, status=outcome.status)
+                else:
+                    for position, result in enumerate(results):
+                        if not result.ok:
+                            reason = result.error_type or "rejected"
+                            dead.append((position, self._dead_meta(
+                                items[position], reason, outcome.status, result.error_body, peek)))
+            self._succeeded(peek.now_ms)
+            state.cap_events = min(config.batch.max_events, state.cap_events * 2)
+            self._count_delivered(items, {position for position, _ in dead})
+            return await self._ack(peek.now_ms, items, count, dead, keep_lease=False)
+
+        state.last_error = f"{outcome.reason} (HTTP {outcome.status})" if outcome.status else outcome.reason
+
+        if action is Action.REJECTED or (action is Action.TOO_LARGE and outcome.status == 413):
+            if action is Action.TOO_LARGE and count > 1:
+                # The server's limit is lower than ours: remember it for every lane.
+                daemon.byte_ceiling = max(MIN_BYTE_CEILING, min(daemon.byte_ceiling, size // 2))
+                log.warning("API rejected a body as too large, lowering the batch size limit",
+                            lane=self.lane, body_bytes=size, new_limit_bytes=daemon.byte_ceiling)
+            if count > 1:
+                state.cap_events = max(1, count // 2)
+                daemon.metrics.retries.labels(self.site_id, "split").inc()
+                log.info("splitting batch", lane=self.lane, events=count, next_events=state.cap_events,
+                         reason=outcome.reason, status=outcome.status)
+                return True
+            reason = "event_too_large" if action is Action.TOO_LARGE else outcome.reason
+            meta = self._dead_meta(items[0], reason, outcome.status, payload, peek, size=size)
+            return await self._ack(peek.now_ms, items, 1, [(0, meta)], keep_lease=True)
+
+        if action is Action.PAUSE:
+            await self._pause(peek, outcome.reason, outcome.status)
+            return False
+
+        # RETRY, and TOO_LARGE from a reset upload: transient, back off.
+        if outcome.throttled:
+            fallback = backoff_delay_s(state.failures + 1, config.retry.base_s, config.retry.cap_s)
+            delay = throttle_delay_s(outcome.retry_after_s, config.retry.max_retry_after_s, fallback)
+            daemon.metrics.retries.labels(self.site_id, "throttled").inc()
+            log.info("throttled, retrying later", lane=self.lane, status=outcome.status,
+                     delay_s=round(delay, 3), retry_after_s=outcome.retry_after_s)
+            state.state = "retrying"
+            await self._retry_later(delay, count_attempt=False)
+            return False
+
+        now = time.monotonic()
+        if state.failing_since is None:
+            state.failing_since = now
+        state.failures += 1
+        # Evidence that the API works for others: a success anywhere after this lane
+        # started failing. Without it the failure is treated as an outage.
+        others_succeed = daemon.last_success > state.failing_since
+        if count > 1:
+            state.cap_events = max(1, count // 2)
+            if others_succeed:
+                daemon.metrics.retries.labels(self.site_id, "split").inc()
+                log.info("splitting batch that fails while other requests succeed", lane=self.lane,
+                         events=count, next_events=state.cap_events, reason=outcome.reason)
+                return True
+            delay = backoff_delay_s(state.failures, config.retry.base_s, config.retry.cap_s)
+            state.state = "retrying"
+            daemon.metrics.retries.labels(self.site_id, "backoff").inc()
+            log.warning("request failed, retrying with backoff", lane=self.lane, events=count,
+                        reason=outcome.reason, status=outcome.status, delay_s=round(delay, 3),
+                        failures=state.failures)
+            await self._retry_later(delay, count_attempt=False)
+            return False
+
+        attempts = peek.attempts + 1
+        first_ms = peek.first_attempt_ms or peek.now_ms
+        outage_expired = peek.now_ms - first_ms >= config.retry.max_outage_s * 1000
+        if (attempts >= config.retry.max_attempts and others_succeed) or outage_expired:
+            reason = "max_outage_exceeded" if outage_expired and not others_succeed else "retries_exhausted"
+            meta = self._dead_meta(items[0], reason, outcome.status, payload, peek, attempts=attempts,
+                                   detail=state.last_error)
+            return await self._ack(peek.now_ms, items, 1, [(0, meta)], keep_lease=True)
+        delay = backoff_delay_s(attempts, config.retry.base_s, config.retry.cap_s)
+        state.state = "retrying"
+        daemon.metrics.retries.labels(self.site_id, "backoff").inc()
+        log.warning("event failed, retrying with backoff", lane=self.lane, attempts=attempts,
+                    reason=outcome.reason, status=outcome.status, delay_s=round(delay, 3))
+        await self._retry_later(delay, count_attempt=True)
+        return False
+
+    def _succeeded(self, now_ms: int) -> None:
+        state = self.state
+        daemon = self.daemon
+        daemon.last_success = time.monotonic()
+        if state.state != "ok":
+            log.info("site lane recovered", lane=self.lane, previous_state=state.state, failures=state.failures)
+        state.state = "ok"
+        state.failures = 0
+        state.failing_since = None
+        state.last_success_ms = now_ms
+        daemon.metrics.set_site_state(self.site_id, self.kind, "ok")
+
+    async def _pause(self, peek: Any, reason: str, status: int | None) -> None:
+        daemon = self.daemon
+        config = daemon.config
+        state = self.state
+        state.failures += 1
+        delay = backoff_delay_s(state.failures, config.retry.pause_base_s, config.retry.pause_cap_s)
+        # Probe no sooner than half the base, so a paused site is never polled in a loop.
+        delay = max(delay, config.retry.pause_base_s / 2)
+        if state.state != "paused":
+            log.error("site paused: the API rejected its credentials; events are kept",
+                      lane=self.lane, site=self.site_id, reason=reason, status=status)
+        state.state = "paused"
+        state.last_error = f"{reason} (HTTP {status})" if status else reason
+        daemon.metrics.set_site_state(self.site_id, self.kind, "paused")
+        daemon.metrics.retries.labels(self.site_id, "pause_probe").inc()
+        await self._retry_later(delay, count_attempt=False)
+
+    async def _retry_later(self, delay_s: float, count_attempt: bool) -> None:
+        daemon = self.daemon
+        if self.state.state == "retrying":
+            daemon.metrics.set_site_state(self.site_id, self.kind, "retrying")
+        await daemon.redis_call(
+            daemon.store.retry_later, daemon.instance_id, self.lane, int(delay_s * 1000), count_attempt,
+            self.state.state_json(),
+        )
+
+    async def _ack(
+        self, now_ms: int, items: list[Item], pop_count: int, dead: list[tuple[int, bytes]], keep_lease: bool
+    ) -> bool:
+        daemon = self.daemon
+        config = daemon.config
+        popped_bytes = sum(len(items[i].raw) + 9 for i in range(pop_count))
+        ack_id = f"{daemon.instance_id}:{next(_ack_ids)}"
+        status, _ = await daemon.redis_call(
+            daemon.store.ack, daemon.instance_id, self.lane, ack_id, pop_count, popped_bytes,
+            now_ms + config.batch.linger_ms, config.batch.max_events, daemon.byte_ceiling,
+            config.dead_letter.max_entries, config.dead_letter.max_bytes, daemon.lease_ttl_ms,
+            keep_lease and not daemon.stopping.is_set(), self.state.state_json(), dead,
+        )
+        if status == -2:
+            daemon.set_dead_full(True)
+            log.error("dead-letter store is full: lane waits until it is emptied", lane=self.lane,
+                      dead_letters_needed=len(dead))
+            self.state.state = "retrying"
+            self.state.last_error = "dead-letter store full"
+            await self._retry_later(5.0, count_attempt=False)
+            return False
+        if status == -1:
+            log.warning("lane lease lost before acknowledgement; the new owner resends", lane=self.lane)
+            return False
+        for position, meta in dead:
+            self._log_dead(items[position], meta)
+        return status == 1
+
+    def _dead_meta(
+        self, item: Item, reason: str, status: int | None, payload: bytes | None, peek: Any,
+        size: int | None = None, attempts: int | None = None, detail: str | None = None,
+    ) -> bytes:
+        excerpt_bytes = self.daemon.config.dead_letter.excerpt_bytes
+        response = None
+        if payload:
+            response = payload[:excerpt_bytes].decode("utf-8", "replace")
+        return orjson.dumps(
+            {
+                "reason": reason,
+                "site_id": self.site_id,
+                "type": item.type,
+                "id": _event_id(item),
+                "status": status,
+                "response": response,
+                "detail": detail,
+                "size": size,
+                "attempts": attempts if attempts is not None else peek.attempts + 1,
+                "first_attempt_ms": peek.first_attempt_ms or peek.now_ms,
+                "last_attempt_ms": peek.now_ms,
+            }
+        )
+
+    def _log_dead(self, item: Item, meta: bytes) -> None:
+        record = orjson.loads(meta)
+        reason = record["reason"]
+        self.daemon.metrics.events_dead.labels(self.site_id, item.type, bounded(reason, DEAD_REASONS)).inc()
+        log.warning("event dead-lettered", lane=self.lane, site=self.site_id, type=item.type,
+                    event_id=record.get("id"), reason=reason, status=record.get("status"),
+                    attempts=record.get("attempts"))
+
+    def _count_delivered(self, items: list[Item], failed: set[int]) -> None:
+        counts: dict[str, int] = {}
+        for position, item in enumerate(items):
+            if position not in failed:
+                counts[item.type] = counts.get(item.type, 0) + 1
+        for event_type, number in counts.items():
+            self.daemon.metrics.events_delivered.labels(self.site_id, event_type).inc(number)
+        self.daemon.delivered_total += sum(counts.values())
+
+    def _observe(self, outcome: Outcome, count: int, size: int, elapsed_s: float) -> None:
+        metrics = self.daemon.metrics
+        label = "throttled" if outcome.throttled else outcome.reason if outcome.action is Action.RETRY else {
+            Action.RESULTS: "ok", Action.ACCEPTED: "ok", Action.REJECTED: "rejected",
+            Action.TOO_LARGE: "too_large", Action.PAUSE: "paused",
+        }.get(outcome.action, "retry")
+        metrics.requests.labels(self.site_id, bounded(label, OUTCOMES)).inc()
+        metrics.request_seconds.observe(elapsed_s)
+        metrics.batch_bytes.observe(size)
+        metrics.batch_events.observe(count)
+
+
+def _event_id(item: Item) -> str | None:
+    # The producer's optional id; parsed again only for dead letters, which are rare.
+    try:
+        parsed = orjson.loads(item.raw)
+    except orjson.JSONDecodeError:
+        return None
+    value = parsed.get("id") if isinstance(parsed, dict) else None
+    return None if value is None else str(value)
