@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from forwarder.batch import batch_size, build_batch, read_batch_results, single_event_size
+from forwarder.envelope import decode_item, encode_item, parse_envelope
+from forwarder.redis_store import RedisStore
+
+
+def _items(events: list[tuple[str, dict]]) -> list:
+    items = []
+    for event_type, data in events:
+        raw = orjson.dumps({"site_id": "7", "type": event_type, "data": data})
+        items.append(encode_item(raw, parse_envelope(raw)))
+    return items
+
+
+MIXED = [
+    ("cart", {"id": "c1", "name": "plain"}),
+    ("order", {"order_number": "o1", "note": "Ünïcödé ✓ 𝄞"}),
+    ("cart", {"id": "c2", "quote": 'say "hi"\n\t\\', "ctl": "\u0001"}),
+    ("product.inventory", {"sku_code": "A", "inventory_level": 0}),
+    ("customer", {"id": "u1", "name": "日本語"}),
+    ("order", {"order_number": "o2"}),
+]
+
+
+def test_batch_body_groups_by_type_in_lane_order() -> None:
+    batch = build_batch([decode_item(item) for item in _items(MIXED)])
+    parsed = orjson.loads(batch.body)
+    assert [event["id"] for event in parsed["cart"]] == ["c1", "c2"]
+    assert [event["order_number"] for event in parsed["order"]] == ["o1", "o2"]
+    assert parsed["product.inventory"] == [{"sku_code": "A", "inventory_level": 0}]
+    assert batch.positions == {"cart": [0, 2], "order": [1, 5], "customer": [4], "product.inventory": [3]}
+
+
+def test_batch_size_matches_encoded_body() -> None:
+    decoded = [decode_item(item) for item in _items(MIXED)]
+    lengths: dict[str, list[int]] = {}
+    for item in decoded:
+        lengths.setdefault(item.type, []).append(len(item.data))
+    assert batch_size(lengths) == len(build_batch(decoded).body)
+    assert single_event_size("cart", 10) == len(b'{"cart":[' + b"x" * 10 + b"]}")
+
+
+@pytest.fixture
+async def store(redis_client: aioredis.Redis) -> RedisStore:
+    return RedisStore(redis_client, "t")
+
+
+async def _fill_lane(store: RedisStore, items: list[bytes]) -> None:
+    await store.client.rpush(store.keys.lane("7:batch"), *items)
+    await store.client.set(store.keys.lease("7:batch"), "me")
+
+
+async def test_peek_stops_at_exact_byte_limit(store: RedisStore) -> None:
+    items = _items(MIXED)
+    await _fill_lane(store, items)
+    decoded = [decode_item(item) for item in items]
+    full = len(build_batch(decoded).body)
+    first_five = len(build_batch(decoded[:5]).body)
+
+    at_limit = await store.peek("me", "7:batch", 100, full)
+    assert len(at_limit.items) == 6
+    assert at_limit.body_bytes == full
+
+    one_under = await store.peek("me", "7:batch", 100, full - 1)
+    assert len(one_under.items) == 5
+    assert one_under.body_bytes == first_five
+
+
+async def test_peek_count_limit_and_foreign_lease(store: RedisStore) -> None:
+    await _fill_lane(store, _items(MIXED))
+    peek = await store.peek("me", "7:batch", 2, 10_000_000)
+    assert len(peek.items) == 2
+    other = await store.peek("someone-else", "7:batch", 2, 10_000_000)
+    assert other.status == -1
+    assert other.items == []
+
+
+async def test_peek_returns_oversized_first_item(store: RedisStore) -> None:
+    items = _items([("cart", {"blob": "x" * 5000}), ("cart", {"id": "small"})])
+    await _fill_lane(store, items)
+    peek = await store.peek("me", "7:batch", 100, 1024)
+    assert len(peek.items) == 1
+    assert peek.body_bytes == len(build_batch([decode_item(items[0])]).body)
+
+
+def test_results_all_success() -> None:
+    batch = build_batch([decode_item(item) for item in _items(MIXED)])
+    body = orjson.dumps({name: [{"success": True}] * len(pos) for name, pos in batch.positions.items()})
+    results = read_batch_results(body, batch, 6)
+    assert results is not None
+    assert [result.ok for result in results] == [True] * 6
+
+
+def test_results_mixed_map_to_lane_positions() -> None:
+    batch = build_batch([decode_item(item) for item in _items(MIXED)])
+    failure = {"error_type": "validation", "errors": {"id": "required"}, "success": False}
+    body = orjson.dumps({
+        "cart": [{"success": True}, failure],
+        "customer": [{"success": True}],
+        "order": [failure, {"success": True}],
+        "product.inventory": [{"success": True}],
+    })
+    results = read_batch_results(body, batch, 6)
+    assert results is not None
+    assert [result.ok for result in results] == [True, False, False, True, True, True]
+    assert results[1].error_type == "validation"
+    assert orjson.loads(results[1].error_body) == failure
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"success": true}',
+        b'{"cart": [{"success": true}], "order": [{"success": true}, {"success": true}]}',
+        b'{"cart": "x", "order": [], "customer": [], "product.inventory": []}',
+    ],
+)
+def test_unreadable_results_return_none(body: bytes) -> None:
+    batch = build_batch([decode_item(item) for item in _items(MIXED)])
+    assert read_batch_results(body, batch, 6) is None
