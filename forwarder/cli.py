@@ -125,7 +125,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from forwarder.demo import run_demo
 
-        configure_logging("warning", "auto")
+        configure_logging("error", "auto")
         return asyncio.run(run_demo(args.events, args.sites))
     from forwarder import ops_cli
 

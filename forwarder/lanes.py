@@ -265,7 +265,9 @@ class LaneSender:
         ack_id = f"{daemon.instance_id}:{next(_ack_ids)}"
         status, _ = await daemon.redis_call(
             daemon.store.ack, daemon.instance_id, self.lane, ack_id, pop_count, popped_bytes,
-            now_ms + config.batch.linger_ms, config.batch.max_events, daemon.byte_ceiling,
+            # A tracker lane sends one event per request, so any event left is a full
+            # request's worth and the lease is kept for it.
+            now_ms + config.batch.linger_ms, 1 if self.tracker else config.batch.max_events, daemon.byte_ceiling,
             config.dead_letter.max_entries, config.dead_letter.max_bytes, daemon.lease_ttl_ms,
             keep_lease and not daemon.stopping.is_set(), self.state.state_json(), dead,
         )

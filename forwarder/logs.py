@@ -61,9 +61,10 @@ class SecretRedactor:
 
 
 class RepeatLimiter:
-    """Processor that drops repeats of the same warning or error within a window.
+    """Processor that drops repeats of an identical warning or error within a window.
 
-    A key is the event name plus the `error` field. The first record of a key in a
+    Records are identical when every field but the timestamp is equal, so dead letters
+    and other records that carry ids are never merged. The first record of a key in a
     window is written; later ones are counted and the count is attached to the next
     record written for that key as `repeated`.
     """
@@ -77,7 +78,8 @@ class RepeatLimiter:
     def __call__(self, logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         if method_name not in ("warning", "error", "exception"):
             return event_dict
-        key = (str(event_dict.get("event")), str(event_dict.get("error", "")))
+        key = (str(event_dict.get("event")), repr(sorted((k, repr(v)) for k, v in event_dict.items()
+                                                         if k not in ("timestamp", "event"))))
         now = self._clock()
         with self._lock:
             entry = self._seen.get(key)
