@@ -26,7 +26,8 @@ from forwarder.localredis import RedisServer
 from forwarder.sandbox import Sandbox
 from forwarder.sandbox.samples import sample_event, sample_order
 
-DEMO_TOKEN = "demo-token"  # noqa: S105 - a throwaway token for the local sandbox
+# A throwaway token, known only to the demo's own sandbox.
+DEMO_TOKEN = "demo-token"
 
 # Entries a buggy producer might push, each with the reason it is dead-lettered for.
 BROKEN_ENTRIES: list[tuple[bytes, str]] = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 import aiohttp
@@ -67,7 +66,7 @@ def _connector_error(os_error: OSError) -> aiohttp.ClientConnectorError:
 @pytest.mark.parametrize(
     ("exc", "upload_finished", "action", "reason"),
     [
-        (asyncio.TimeoutError(), True, Action.RETRY, "timeout"),
+        (TimeoutError(), True, Action.RETRY, "timeout"),
         (aiohttp.ServerTimeoutError("read"), True, Action.RETRY, "timeout"),
         (aiohttp.ConnectionTimeoutError("connect"), False, Action.RETRY, "timeout"),
         (_connector_error(ConnectionRefusedError(111, "refused")), False, Action.RETRY, "connect_error"),
