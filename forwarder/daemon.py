@@ -386,7 +386,14 @@ class Daemon:
         if new.api.max_batch_bytes != old.api.max_batch_bytes:
             # A ceiling learned from a 413 is kept until the limit itself changes.
             self.byte_ceiling = new.api.max_batch_bytes
-        log.info("configuration reloaded", sites=len(new.sites))
+        paused = [lane for lane, state in self.lane_states.items() if state.state == "paused"]
+        for lane in paused:
+            self.lane_states[lane].failures = 0
+        if paused:
+            # New tokens may have fixed a paused site: probe it now, not after its backoff.
+            await self.redis_call(self.store.make_due_now, paused)
+            self.wake_scheduler()
+        log.info("configuration reloaded", sites=len(new.sites), paused_lanes_probed=len(paused))
         self.notifier.reloaded(await self._status_text())
 
     # -------------------------------------------------------------- shutdown

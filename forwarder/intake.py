@@ -117,11 +117,18 @@ class Intake:
         chunk_id = f"{daemon.instance_id}:{next(self._chunk_ids)}"
         result = await daemon.redis_call(
             daemon.store.route, daemon.instance_id, chunk_id, len(items), config.batch.linger_ms,
-            config.batch.max_events, daemon.byte_ceiling, lanes, dead,
+            config.batch.max_events, daemon.byte_ceiling, config.dead_letter.max_entries,
+            config.dead_letter.max_bytes, lanes, dead,
         )
         if result == -1:
             log.warning("intake leadership lost before routing; the next leader routes the chunk")
             self.leader = False
+            return
+        if result == -2:
+            daemon.set_dead_full(True)
+            log.error("dead-letter store is full: intake stopped until dead letters are replayed or purged",
+                      max_entries=config.dead_letter.max_entries, dead_letters_needed=len(dead))
+            await daemon.wait_stopping(1.0)
             return
         if result == -3:
             log.error("claimed list changed under the intake leader; re-reading it", events=len(items))

@@ -83,10 +83,14 @@ local claimed = p .. ':intake:claimed'
 local items = redis.call('LRANGE', claimed, 0, max_count - 1)
 local want = max_count - #items
 if want <= 0 then return {1, items} end
-if dead_full(0, tonumber(ARGV[4]), tonumber(ARGV[5])) then
+-- Each entry can become at most one dead letter, so claiming no more entries than the
+-- store has room for keeps it within max_entries without ever evicting.
+local room = tonumber(ARGV[4]) - redis.call('ZCARD', p .. ':dead:index')
+if room <= 0 or dead_full(0, tonumber(ARGV[4]), tonumber(ARGV[5])) then
   if #items == 0 then return {-2, {}} end
   return {1, items}
 end
+want = math.min(want, room)
 local popped = redis.call('RPOP', p .. ':events', want)
 if not popped then return {1, items} end
 local max_entry = tonumber(ARGV[6])
@@ -107,10 +111,11 @@ return {1, items}
 """
 
 # ARGV: prefix, instance, chunk_id, claimed_count, linger_ms, count_trigger, size_trigger,
-#       lane_count, then per lane: name, item count, bytes, items...; then dead count,
-#       then per dead letter: index in the claimed list, meta JSON.
+#       dl_max_entries, dl_max_bytes, lane_count, then per lane: name, item count, bytes,
+#       items...; then dead count, then per dead letter: index in the claimed list, meta JSON.
 # Returns 1 when routed, 0 when this chunk was routed already, -1 when not the leader,
-# -3 when the claimed list does not hold the chunk the caller parsed.
+# -2 when the dead letters do not fit in the store (nothing done), -3 when the claimed
+# list does not hold the chunk the caller parsed.
 _ROUTE = _COMMON + r"""
 local inst = ARGV[2]
 if redis.call('GET', p .. ':intake:leader') ~= inst then return -1 end
@@ -118,13 +123,19 @@ local routed = p .. ':intake:routed'
 if redis.call('GET', routed) == ARGV[3] then return 0 end
 local claimed = p .. ':intake:claimed'
 if redis.call('LLEN', claimed) ~= tonumber(ARGV[4]) then return -3 end
+local dead_at = 11
+for _ = 1, tonumber(ARGV[10]) do dead_at = dead_at + 3 + tonumber(ARGV[dead_at + 1]) end
+local dead_count = tonumber(ARGV[dead_at])
+if dead_count > 0 and dead_full(dead_count, tonumber(ARGV[8]), tonumber(ARGV[9])) then
+  return -2
+end
 local now = now_ms()
 local linger = tonumber(ARGV[5])
 local count_trigger = tonumber(ARGV[6])
 local size_trigger = tonumber(ARGV[7])
 local due = p .. ':lanes:due'
-local pos = 9
-for _ = 1, tonumber(ARGV[8]) do
+local pos = 11
+for _ = 1, tonumber(ARGV[10]) do
   local lane = ARGV[pos]
   local count = tonumber(ARGV[pos + 1])
   local bytes = tonumber(ARGV[pos + 2])
@@ -137,7 +148,6 @@ for _ = 1, tonumber(ARGV[8]) do
     redis.call('ZADD', due, 'LT', now, lane)
   end
 end
-local dead_count = tonumber(ARGV[pos])
 pos = pos + 1
 for _ = 1, dead_count do
   local raw = redis.call('LINDEX', claimed, tonumber(ARGV[pos]))
@@ -383,6 +393,20 @@ end
 return 1
 """
 
+# ARGV: prefix, lanes... Makes each non-empty lane due now (for example, paused lanes
+# after a reload brought new tokens). Returns how many lanes were made due.
+_DUE_NOW = _COMMON + r"""
+local now = now_ms()
+local made = 0
+for i = 2, #ARGV do
+  if redis.call('LLEN', p .. ':lane:' .. ARGV[i]) > 0 then
+    redis.call('ZADD', p .. ':lanes:due', 'LT', now, ARGV[i])
+    made = made + 1
+  end
+end
+return made
+"""
+
 # ARGV: prefix, dead-letter ids... Moves each dead letter back to the producer end of
 # the queue and deletes it, one atomic step for the whole call. Returns how many.
 _REPLAY = r"""
@@ -483,6 +507,7 @@ class RedisStore:
         self._renew = client.register_script(_RENEW)
         self._release_instance = client.register_script(_RELEASE_INSTANCE)
         self._release_lane = client.register_script(_RELEASE_LANE)
+        self._due_now = client.register_script(_DUE_NOW)
         self._replay = client.register_script(_REPLAY)
         self._purge = client.register_script(_PURGE)
 
@@ -504,11 +529,12 @@ class RedisStore:
 
     async def route(
         self, instance: str, chunk_id: str, claimed_count: int, linger_ms: int,
-        count_trigger: int, size_trigger: int,
+        count_trigger: int, size_trigger: int, dl_max_entries: int, dl_max_bytes: int,
         lanes: dict[str, Any], dead: list[tuple[int, bytes]],
     ) -> int:
         args: list[Any] = [
-            self._prefix, instance, chunk_id, claimed_count, linger_ms, count_trigger, size_trigger, len(lanes),
+            self._prefix, instance, chunk_id, claimed_count, linger_ms, count_trigger, size_trigger,
+            dl_max_entries, dl_max_bytes, len(lanes),
         ]
         for lane, (items, size) in lanes.items():
             args.append(lane)
@@ -576,6 +602,11 @@ class RedisStore:
 
     async def release_instance_lane(self, instance: str, lane: str) -> int:
         return int(await self._release_lane(args=[self._prefix, instance, lane]))
+
+    async def make_due_now(self, lanes: list[str]) -> int:
+        if not lanes:
+            return 0
+        return int(await self._due_now(args=[self._prefix, *lanes]))
 
     async def replay_dead(self, ids: list[int]) -> int:
         if not ids:
