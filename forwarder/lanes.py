@@ -40,7 +40,13 @@ class LaneState:
 
     cap_events: int
     failures: int = 0
+    # Monotonic time the current failure streak began; a success anywhere after it is
+    # evidence that the API works and the failing events themselves are at fault.
     failing_since: float | None = None
+    # How many events at the head of the lane were in a failed request and are not yet
+    # acknowledged: while any remain, bisection is isolating a culprit among them and
+    # the successes of their neighbours do not end the failure streak.
+    suspects: int = 0
     state: str = "ok"
     last_error: str | None = None
     last_success_ms: int | None = None
@@ -141,7 +147,7 @@ class LaneSender:
                             reason = result.error_type or "rejected"
                             dead.append((position, self._dead_meta(
                                 items[position], reason, outcome.status, result.error_body, peek)))
-            self._succeeded(peek.now_ms)
+            self._succeeded(peek.now_ms, count)
             state.cap_events = min(config.batch.max_events, state.cap_events * 2)
             self._count_delivered(items, {position for position, _ in dead})
             return await self._ack(peek.now_ms, items, count, dead, keep_lease=False)
@@ -182,6 +188,7 @@ class LaneSender:
         now = time.monotonic()
         if state.failing_since is None:
             state.failing_since = now
+        state.suspects = max(state.suspects, count)
         state.failures += 1
         # Evidence that the API works for others: a success anywhere after this lane
         # started failing. Without it the failure is treated as an outage.
@@ -218,17 +225,24 @@ class LaneSender:
         await self._retry_later(delay, count_attempt=True)
         return False
 
-    def _succeeded(self, now_ms: int) -> None:
+    def _succeeded(self, now_ms: int, count: int) -> None:
         state = self.state
         daemon = self.daemon
         daemon.last_success = time.monotonic()
         if state.state != "ok":
             log.info("site lane recovered", lane=self.lane, previous_state=state.state, failures=state.failures)
         state.state = "ok"
-        state.failures = 0
-        state.failing_since = None
+        self._settled(count)
         state.last_success_ms = now_ms
         daemon.metrics.set_site_state(self.site_id, self.kind, "ok")
+
+    def _settled(self, count: int) -> None:
+        """Count `count` head events as delivered or dead; end the streak when no suspect is left."""
+        state = self.state
+        state.suspects = max(0, state.suspects - count)
+        if state.suspects == 0:
+            state.failures = 0
+            state.failing_since = None
 
     async def _pause(self, peek: Any, reason: str, status: int | None) -> None:
         daemon = self.daemon
@@ -284,6 +298,8 @@ class LaneSender:
             return False
         for position, meta in dead:
             self._log_dead(items[position], meta)
+        if dead and pop_count == 1:
+            self._settled(1)
         return status == 1
 
     def _dead_meta(

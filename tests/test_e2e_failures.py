@@ -1,0 +1,338 @@
+"""Failure policy end to end: the real daemon against the sandbox's fault injection.
+
+Each test checks every event's fate (delivered once, or dead with the right reason)
+and per-site order.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from forwarder.sandbox import Sandbox
+from tests.daemon_proc import DaemonProcess, daemon_env
+from tests.e2e import (
+    dead_export,
+    envelope,
+    expected_order,
+    push,
+    received_order,
+    run_cli,
+    wait_drained,
+)
+from tests.servers import RedisServer
+
+# Fast retries so that the scenarios finish in seconds.
+FAST = {
+    "retry_base_s": 0.05,
+    "retry_cap_s": 0.5,
+    "retry_max_attempts": 3,
+    "batch_linger_ms": 50,
+    "lease_ttl_s": 3,
+    "lease_renew_interval_s": 1,
+}
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"{field} missing for pid {pid}")
+
+
+def poisoned(site: str, count: int, poison_at: set[int], event_type: str = "cart") -> list[bytes]:
+    return [envelope(site, event_type, n, **({"poison": True} if n in poison_at else {})) for n in range(count)]
+
+
+@pytest.mark.parametrize("status", [400, 503])
+async def test_poison_event_among_1000_isolated(
+    status: int, redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    entries = poisoned("1001", 1000, {537}) + [envelope("1002", "cart", n) for n in range(200)]
+    async with Sandbox(tokens={"token-default": {"1001", "1002"}}) as sandbox:
+        sandbox.faults.add("poison", status=status)
+        env = daemon_env(redis_server.url, sandbox.base_url, **FAST)
+        await push(redis_client, entries)
+        daemon = await DaemonProcess(env).start()
+        await sandbox.wait_for(lambda state: state.total_accepted >= 1199, timeout=60)
+        await wait_drained(redis_client)
+        assert await daemon.stop() == 0
+
+        received = [event.data["seq"] for event in sandbox.state.events("1001")]
+        assert received == [n for n in range(1000) if n != 537]
+        assert sandbox.state.accepted_count("1002") == 200
+        assert sandbox.state.total_duplicates == 0
+        # Bisection isolates the event in about log2(1000) requests per round, not 1000.
+        site_requests = [record for record in sandbox.state.requests if record.site == "1001"]
+        assert len(site_requests) < 60
+
+    dead = await dead_export(env)
+    assert len(dead) == 1
+    assert dead[0]["id"] == "1001-537"
+    if status == 400:
+        assert dead[0]["reason"] == "validation"
+        assert dead[0]["status"] == 400
+    else:
+        assert dead[0]["reason"] == "retries_exhausted"
+        assert dead[0]["status"] == 503
+        assert dead[0]["attempts"] == FAST["retry_max_attempts"]
+
+
+async def test_failed_elements_only_dead_lettered(redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    entries = poisoned("1001", 300, {3, 150, 299}, event_type="product")
+    async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
+        sandbox.faults.add("poison", poison_scope="event")
+        env = daemon_env(redis_server.url, sandbox.base_url, **{**FAST, "batch_linger_ms": 500})
+        await push(redis_client, entries)
+        daemon = await DaemonProcess(env).start()
+        await sandbox.wait_for(lambda state: state.total_accepted >= 297, timeout=30)
+        await wait_drained(redis_client)
+        assert await daemon.stop() == 0
+        # One request: the 200 response's failed elements are not re-sent.
+        assert [record.events for record in sandbox.state.requests] == [300]
+        assert sandbox.state.total_duplicates == 0
+
+    dead = await dead_export(env)
+    assert [record["id"] for record in dead] == ["1001-3", "1001-150", "1001-299"]
+    assert {record["reason"] for record in dead} == {"validation"}
+
+
+# (fault fields, expected fate of the 20 events, expected dead-letter reason)
+POLICY_TABLE = [
+    ({"status": 400, "count": 1}, "dead", "validation"),
+    ({"status": 400, "error_type": "bad_json", "count": 1}, "dead", "bad_json"),
+    ({"status": 400, "error_type": "invalid_type", "count": 1}, "dead", "invalid_type"),
+    ({"status": 404, "count": 1}, "dead", "unknown"),
+    ({"status": 413, "count": 1}, "dead", "event_too_large"),
+    ({"status": 429, "count": 2}, "delivered", None),
+    ({"status": 500, "count": 2}, "delivered", None),
+    ({"status": 502, "count": 2}, "delivered", None),
+    ({"status": 503, "count": 2}, "delivered", None),
+    ({"status": 504, "count": 2}, "delivered", None),
+    ({"status": 403, "error_type": "invalid_token", "count": 1}, "kept", None),
+    ({"status": 403, "error_type": "authorization", "count": 1}, "kept", None),
+]
+
+
+@pytest.mark.parametrize(("fault", "fate", "reason"), POLICY_TABLE, ids=lambda value: str(value))
+async def test_policy_table_single_event(
+    fault: dict, fate: str, reason: str | None, redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    # One event per request (tracker lane) so that a request-level status is the event's.
+    entry = envelope("1001", "pageview", 1)
+    async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
+        sandbox.faults.add("error", **fault)
+        env = daemon_env(redis_server.url, sandbox.base_url, **FAST)
+        await push(redis_client, [entry])
+        daemon = await DaemonProcess(env).start()
+        if fate == "delivered":
+            await sandbox.wait_for(lambda state: state.total_accepted == 1, timeout=30)
+            await wait_drained(redis_client)
+        elif fate == "dead":
+            await daemon.wait_for_log("event dead-lettered", timeout=30)
+        else:
+            await daemon.wait_for_log("site paused: the API rejected its credentials; events are kept")
+        assert await daemon.stop() == 0
+        dead = await dead_export(env)
+        if fate == "delivered":
+            assert sandbox.state.accepted_count("1001", "pageview") == 1
+            assert dead == []
+        elif fate == "dead":
+            assert sandbox.state.total_accepted == 0
+            assert [record["reason"] for record in dead] == [reason]
+            assert dead[0]["status"] == fault["status"]
+        else:
+            assert sandbox.state.total_accepted == 0
+            assert dead == []
+            assert await redis_client.lrange("jirafe:lane:1001:pageview", 0, -1) != []
+
+
+async def test_retry_after_seconds_honoured(redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
+        sandbox.faults.add("error", status=429, retry_after_s=2, count=1)
+        env = daemon_env(redis_server.url, sandbox.base_url, **FAST)
+        await push(redis_client, [envelope("1001", "cart", 1)])
+        daemon = await DaemonProcess(env).start()
+        await sandbox.wait_for(lambda state: state.total_accepted == 1, timeout=30)
+        assert await daemon.stop() == 0
+        first, second = list(sandbox.state.requests)
+        assert first.status == 429
+        assert second.status == 200
+        assert second.time - first.time >= 2.0
+        # A throttled wait is not an attempt.
+        assert await redis_client.hget("jirafe:lanes:attempts", "1001:batch") is None
+
+
+@pytest.mark.parametrize("retry_after_format", ["seconds", "date"])
+async def test_retry_after_of_a_day_capped(
+    retry_after_format: str, redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
+        sandbox.faults.add("error", status=503, retry_after_s=86_400, retry_after_format=retry_after_format, count=1)
+        env = daemon_env(redis_server.url, sandbox.base_url, retry_max_retry_after_s=1, **FAST)
+        await push(redis_client, [envelope("1001", "cart", 1)])
+        daemon = await DaemonProcess(env).start()
+        await sandbox.wait_for(lambda state: state.total_accepted == 1, timeout=30)
+        assert await daemon.stop() == 0
+        first, second = list(sandbox.state.requests)
+        assert 0.9 <= second.time - first.time
+        throttled = daemon.logs("throttled, retrying later")
+        assert throttled[0]["delay_s"] == 1.0
+
+
+async def test_outage_keeps_everything_then_recovers(redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    sites = [str(2000 + n) for n in range(20)]
+    async with Sandbox(tokens={"token-default": set(sites)}) as sandbox:
+        outage = sandbox.faults.add("error", status=503)
+        env = daemon_env(redis_server.url, sandbox.base_url, **{**FAST, "retry_max_attempts": 2})
+        daemon = await DaemonProcess(env).start()
+        pushed: list[bytes] = []
+        rss_samples = []
+        # Producers keep pushing through the outage.
+        for round_number in range(20):
+            batch = [envelope(site, "order", round_number * 100 + n) for site in sites for n in range(10)]
+            pushed.extend(batch)
+            await push(redis_client, batch)
+            await sandbox.wait_for(lambda state, r=round_number: state.total_requests >= 20 + r * 5, timeout=30)
+            rss_samples.append(rss_kb(daemon.pid))
+        assert sandbox.state.total_accepted == 0
+        assert await redis_client.zcard("jirafe:dead:index") == 0
+        # Memory flat: the backlog waits in Redis, not in the daemon.
+        assert max(rss_samples) - rss_samples[2] < 20_000
+        assert rss_kb(daemon.pid, "VmHWM") < 200_000
+
+        # Each site's backoff delays are jittered, not in lockstep.
+        first_retry_gaps = []
+        for site in sites:
+            times = [record.time for record in sandbox.state.requests if record.site == site]
+            if len(times) >= 2:
+                first_retry_gaps.append(times[1] - times[0])
+        assert len(first_retry_gaps) >= 10
+        assert statistics.pstdev(first_retry_gaps) > 0.005
+
+        sandbox.faults.remove(outage.id)
+        await sandbox.wait_for(lambda state: state.total_accepted >= len(pushed), timeout=60)
+        await wait_drained(redis_client)
+        assert await daemon.stop() == 0
+        assert received_order(sandbox) == expected_order(pushed)
+        assert sandbox.state.total_duplicates == 0
+    assert await dead_export(env) == []
+
+
+async def test_refused_connections_are_an_outage(redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    entries = [envelope("1001", "customer", n) for n in range(50)]
+    sandbox = Sandbox(tokens={"token-default": {"1001"}})
+    await sandbox.start()
+    port = sandbox.port
+    await sandbox.stop()
+    env = daemon_env(redis_server.url, f"http://127.0.0.1:{port}/v2", **{**FAST, "retry_max_attempts": 1})
+    daemon = await DaemonProcess(env).start()
+    await push(redis_client, entries)
+    await daemon.wait_for(lambda records: sum(r.get("reason") == "connect_error" for r in records) >= 4)
+    assert await redis_client.zcard("jirafe:dead:index") == 0
+    async with Sandbox(tokens={"token-default": {"1001"}}, port=port) as sandbox:
+        await sandbox.wait_for(lambda state: state.total_accepted >= 50, timeout=30)
+        await wait_drained(redis_client)
+        assert await daemon.stop() == 0
+        assert [event.data["seq"] for event in sandbox.state.events("1001")] == list(range(50))
+    assert await dead_export(env) == []
+
+
+async def test_revoked_token_pauses_only_its_site(redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path) -> None:
+    healthy = ["1001", "1002", "1003"]
+    entries = [envelope(site, "cart", n) for n in range(100) for site in [*healthy, "1004"]]
+    config = tmp_path / "forwarder.toml"
+    config.write_text('[sites."1004"]\ntoken = "revoked-token"\n')
+    async with Sandbox(tokens={"token-default": set(healthy), "new-token": {"1004"}}) as sandbox:
+        env = daemon_env(redis_server.url, sandbox.base_url, **FAST)
+        daemon = await DaemonProcess(env, ["--config", str(config)]).start()
+        await push(redis_client, entries)
+        await sandbox.wait_for(lambda state: state.total_accepted >= 300, timeout=30)
+        await daemon.wait_for_log("site paused: the API rejected its credentials; events are kept")
+        for site in healthy:
+            assert sandbox.state.accepted_count(site) == 100
+        assert sandbox.state.accepted_count("1004") == 0
+        assert await redis_client.llen("jirafe:lane:1004:batch") == 100
+        assert await redis_client.zcard("jirafe:dead:index") == 0
+        state = orjson.loads(await redis_client.hget("jirafe:lanes:state", "1004:batch"))
+        assert state["state"] == "paused"
+
+        # The operator rotates the token and reloads: the site resumes in order at once.
+        config.write_text('[sites."1004"]\ntoken = "new-token"\n')
+        daemon.signal(1)  # SIGHUP
+        await sandbox.wait_for(lambda state: state.accepted_count("1004") >= 100, timeout=20)
+        assert [event.data["seq"] for event in sandbox.state.events("1004")] == list(range(100))
+        assert await daemon.stop() == 0
+    assert await dead_export(env) == []
+
+
+async def test_hang_and_reset_end_by_timeouts(redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    entries = [envelope("1001", "order", n) for n in range(40)]
+    async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
+        sandbox.faults.add("hang", count=1)
+        sandbox.faults.add("reset", count=2)
+        env = daemon_env(redis_server.url, sandbox.base_url, api_timeout_s=2, api_read_timeout_s=1,
+                         api_connect_timeout_s=1, **FAST)
+        await push(redis_client, entries)
+        daemon = await DaemonProcess(env).start()
+        await sandbox.wait_for(lambda state: state.total_accepted >= 40, timeout=40)
+        await wait_drained(redis_client)
+        assert await daemon.stop() == 0
+        assert [event.data["seq"] for event in sandbox.state.events("1001")] == list(range(40))
+        reasons = [record.get("reason") for record in daemon.records if record.get("reason")]
+        assert "timeout" in reasons
+        assert any(reason in ("upload_reset", "connection_reset") for reason in reasons)
+    assert await dead_export(env) == []
+
+
+async def test_413_splits_and_remembers_ceiling(redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    entries = [envelope("1001", "product", n) for n in range(400)]
+    async with Sandbox(tokens={"token-default": {"1001"}}, max_body_bytes=60_000) as sandbox:
+        env = daemon_env(redis_server.url, sandbox.base_url, **{**FAST, "batch_linger_ms": 300})
+        await push(redis_client, entries)
+        daemon = await DaemonProcess(env).start()
+        await sandbox.wait_for(lambda state: state.total_accepted >= 400, timeout=30)
+        await wait_drained(redis_client)
+        assert await daemon.stop() == 0
+        statuses = [record.status for record in sandbox.state.requests]
+        assert statuses[0] == 413
+        # After the first 413 the smaller ceiling holds: at most one more 413 while learning.
+        assert statuses.count(413) <= 3
+        assert [event.data["seq"] for event in sandbox.state.events("1001")] == list(range(400))
+    assert await dead_export(env) == []
+
+
+async def test_dead_letter_store_bound_stops_intake(
+    redis_server: RedisServer, redis_client: aioredis.Redis, tmp_path
+) -> None:
+    entries = poisoned("1001", 30, {2, 5, 8, 11, 14, 17, 20, 23}, event_type="pageview")
+    config = tmp_path / "forwarder.toml"
+    config.write_text("[dead_letter]\nmax_entries = 5\n")
+    async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
+        sandbox.faults.add("poison", status=400)
+        env = daemon_env(redis_server.url, sandbox.base_url, **FAST)
+        await push(redis_client, entries)
+        daemon = await DaemonProcess(env, ["--config", str(config)]).start()
+        await daemon.wait_for_log("dead-letter store is full: lane waits until it is emptied", timeout=30)
+        assert await redis_client.zcard("jirafe:dead:index") == 5
+        delivered_before = sandbox.state.accepted_count("1001")
+        assert delivered_before < 30 - 8
+
+        # Raise the bound, remove the poison, replay: everything arrives.
+        sandbox.faults.clear()
+        config.write_text("[dead_letter]\nmax_entries = 100\n")
+        daemon.signal(1)
+        await daemon.wait_for_log("configuration reloaded")
+        code, stdout, stderr = await run_cli("dead", "replay", env=env)
+        assert code == 0, stderr
+        assert b"replayed 5" in stdout
+        await sandbox.wait_for(lambda state: state.accepted_count("1001") >= 30, timeout=30)
+        await wait_drained(redis_client)
+        assert await daemon.stop() == 0
+        assert sorted(event.data["seq"] for event in sandbox.state.events("1001")) == list(range(30))
+        assert sandbox.state.total_duplicates == 0
+    assert await dead_export(env) == []
