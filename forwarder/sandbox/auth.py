@@ -12,8 +12,8 @@ ANY_SITE = "*"
 class TokenTable:
     """Tokens mapped to the sites they may write to.
 
-    Tokens never leave this object: logs and the request log identify a token by its
-    label, `token-N` for the N-th configured token, `unknown` for any other token and
+    Tokens never leave this object. Logs and the request log identify a token by its
+    label: `token-N` for the N-th configured token, `unknown` for any other token and
     `none` when the request had no bearer token.
     """
 
@@ -78,7 +78,7 @@ def parse_token_spec(text: str) -> tuple[str, frozenset[str]]:
 
 
 def read_tokens_file(path: str | Path) -> dict[str, frozenset[str]]:
-    """Read `TOKEN=SITE[,SITE...]` lines; blank lines and lines starting with # are skipped.
+    """Read `TOKEN=SITE[,SITE...]` lines, skipping blank lines and lines starting with #.
 
     A token listed twice gets the union of its sites. Raises ValueError with the line
     number of a malformed line, and OSError when the file cannot be read.

@@ -36,33 +36,33 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
         "--listen",
         default=DEFAULT_LISTEN,
         metavar="HOST:PORT",
-        help=f"address to listen on; port 0 picks a free port (default {DEFAULT_LISTEN})",
+        help=f"address to listen on, where port 0 picks a free port (default {DEFAULT_LISTEN})",
     )
     parser.add_argument(
         "--token",
         action="append",
         default=[],
         metavar="TOKEN=SITE[,SITE...]",
-        help="accept a bearer token for these site ids, '*' for every site; repeatable. "
+        help="accept a bearer token for these site ids, '*' for every site (repeatable). "
         "Prefer --tokens-file, because the command line is visible to other users.",
     )
     parser.add_argument(
         "--tokens-file",
         metavar="PATH",
-        help="read tokens from a file with one TOKEN=SITE[,SITE...] per line; "
-        "blank lines and lines starting with # are skipped",
+        help="read tokens from a file with one TOKEN=SITE[,SITE...] per line. "
+        "Blank lines and lines starting with # are skipped.",
     )
     parser.add_argument(
         "--max-body-bytes",
         type=int,
         default=DEFAULT_MAX_BODY_BYTES,
         metavar="BYTES",
-        help=f"largest accepted request body in bytes; larger bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})",
+        help=f"largest accepted request body in bytes, where larger bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})",
     )
     parser.add_argument(
         "--close-on-oversize",
         action="store_true",
-        help="answer 413 and close the connection without reading an oversized body, as proxies do",
+        help="respond with 413 and close the connection without reading an oversized body, as proxies do",
     )
     parser.add_argument(
         "--no-validate",
@@ -83,7 +83,7 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="SPEC",
         help="inject a fault from the start, as key=value pairs or a JSON object, such as "
-        "'kind=error,status=503,rate=0.5,retry_after_s=2'; repeatable (see docs/sandbox.md)",
+        "'kind=error,status=503,rate=0.5,retry_after_s=2' (repeatable, see docs/sandbox.md)",
     )
     parser.add_argument(
         "--seed",

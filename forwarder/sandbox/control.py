@@ -59,7 +59,7 @@ class ControlHandlers:
         return json_response(200, self.state.stats())
 
     async def requests(self, request: web.Request) -> web.Response:
-        """Return the request log, oldest first; `?site=` filters, `?limit=N` keeps the last N."""
+        """Return the request log, oldest first. `?site=` filters it and `?limit=N` keeps the last N."""
         records = list(self.state.requests)
         site = request.query.get("site")
         if site:
@@ -79,7 +79,7 @@ class ControlHandlers:
         return json_response(200, self.faults.snapshot())
 
     async def add_faults(self, request: web.Request) -> web.Response:
-        """Add one fault (a JSON object) or several (an array); return them with their ids."""
+        """Add one fault (a JSON object) or several (an array) and return them with their ids."""
         try:
             body: Any = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:

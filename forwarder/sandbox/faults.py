@@ -32,7 +32,7 @@ class Fault:
 
     Fields common to every kind:
         kind: what happens to a request the fault fires on.
-            `error`: answer `status` with a failure body, optionally with Retry-After.
+            `error`: respond with `status` and a failure body, optionally with Retry-After.
             `latency`: wait `latency_s` after reading the body, then go on as normal.
             `hang`: send nothing until the fault is removed (then go on as normal), the
             client disconnects or the sandbox stops.
@@ -40,7 +40,7 @@ class Fault:
             `max_body`: apply the lower size limit `max_body_bytes` to the request, so a
             larger body gets 413.
             `poison`: fail requests with an event whose data has `marker_field` equal to
-            `marker_value`, answering `status` (default 400 validation).
+            `marker_value`, responding with `status` (default 400 validation).
         site: the site id the fault applies to, or None for every site. Tracker requests
             carry their site in the body, so `reset` and `max_body` faults, which act
             before the body is read, apply to them only when `site` is None.
@@ -60,12 +60,12 @@ class Fault:
 
     Kind-specific fields:
         latency_s: added delay in seconds (latency).
-        reset_after_bytes: body bytes read before the abort; None reads half of the
+        reset_after_bytes: body bytes read before the abort. None reads half of the
             Content-Length, or the first chunk of a chunked body (reset).
         max_body_bytes: the lower size limit in bytes (max_body). The fault fires, and
             counts, on every request it applies to, whatever the body size.
         marker_field, marker_value: the top-level data property and the JSON value that
-            mark a poison event; the value must match in type too (poison).
+            mark a poison event. The value must match in type too (poison).
         poison_scope: `request` fails the whole request. `event` fails only the marked
             events with a validation error, so the other events of a batch succeed (poison).
     """
@@ -210,6 +210,7 @@ def _problems(fault: Fault) -> Iterator[str]:
         yield f"rate must be a number from 0 to 1, got {fault.rate!r}"
     if fault.count is not None and (not _is_int(fault.count) or fault.count < 1):
         yield f"count must be a positive integer or null, got {fault.count!r}"
+
     if fault.seed is not None and not _is_int(fault.seed):
         yield f"seed must be an integer or null, got {fault.seed!r}"
     if fault.status is not None and (not _is_int(fault.status) or not 100 <= fault.status <= 599):
@@ -218,6 +219,7 @@ def _problems(fault: Fault) -> Iterator[str]:
         value = getattr(fault, name)
         if value is not None and not isinstance(value, str):
             yield f"{name} must be a string or null, got {value!r}"
+
     if fault.retry_after_s is not None and (
         not _is_int(fault.retry_after_s) or fault.retry_after_s < 0
     ):
@@ -228,6 +230,7 @@ def _problems(fault: Fault) -> Iterator[str]:
         yield f"latency_s must be a non-negative number, got {fault.latency_s!r}"
     if fault.kind == "latency" and not fault.latency_s:
         yield "latency_s must be set to a positive number of seconds"
+
     if fault.reset_after_bytes is not None and (
         not _is_int(fault.reset_after_bytes) or fault.reset_after_bytes < 0
     ):
@@ -238,6 +241,7 @@ def _problems(fault: Fault) -> Iterator[str]:
         yield f"max_body_bytes must be a non-negative integer, got {fault.max_body_bytes!r}"
     if fault.kind == "max_body" and fault.max_body_bytes is None:
         yield "max_body_bytes must be set"
+
     if not isinstance(fault.marker_field, str) or not fault.marker_field:
         yield f"marker_field must be a non-empty string, got {fault.marker_field!r}"
     if fault.poison_scope not in ("request", "event"):

@@ -1,6 +1,6 @@
 """Response bodies in the live server's format.
 
-The live server sent JSON with sorted keys, pretty-printed; the sandbox indents by two
+The live server sent JSON with sorted keys, pretty-printed. The sandbox indents by two
 spaces. A failure body always has `"success": false` and an `error_type`.
 """
 

@@ -34,7 +34,7 @@ class Sandbox:
             await sb.wait_for(lambda state: state.total_accepted >= 10)
 
     Args:
-        tokens: bearer tokens mapped to the site ids each may write to; the site "*"
+        tokens: bearer tokens mapped to the site ids each may write to. The site "*"
             allows every site. Without tokens every API request gets 403 invalid_token.
         host: address to listen on.
         port: TCP port, or 0 for a free one.
@@ -42,8 +42,8 @@ class Sandbox:
             benchmarks: every well-formed batch event is accepted without a look.
         record: `full` keeps every accepted event, `digest` only what duplicate
             detection needs, `count` only counters (see SandboxState).
-        max_body_bytes: largest accepted request body; one byte more gets 413.
-        close_on_oversize: answer 413 and close the connection without reading the
+        max_body_bytes: largest accepted request body. One byte more gets 413.
+        close_on_oversize: respond with 413 and close the connection without reading the
             rest of an oversized body, as reverse proxies do. By default the sandbox
             reads and discards the body and keeps the connection open.
         faults: faults active from the start.
@@ -116,7 +116,7 @@ class Sandbox:
             # Compile the validators now, so that the first request is not slowed down.
             for event_type in EVENT_TYPES:
                 validator(event_type)
-        # lingering_time=0: after answering a request whose body was not read (413 with
+        # lingering_time=0: after responding to a request whose body was not read (413 with
         # close_on_oversize), close the connection instead of reading the rest.
         runner = web.AppRunner(
             self.make_app(),
@@ -148,7 +148,7 @@ class Sandbox:
         )
 
     async def stop(self) -> None:
-        """Stop listening and end open requests; safe to call twice."""
+        """Stop listening and end open requests. Safe to call twice."""
         runner, self._runner = self._runner, None
         if runner is None:
             return
@@ -180,12 +180,10 @@ class Sandbox:
         log.info("sandbox reset")
         self._notify()
 
-    # A timeout argument (not asyncio.timeout around the call) puts the state summary
-    # into the TimeoutError, which is what a failing test needs to show.
     async def wait_for(
         self,
         predicate: Callable[[SandboxState], bool],
-        timeout: float = 10.0,  # noqa: ASYNC109
+        timeout: float = 10.0,
     ) -> SandboxState:
         """Wait until `predicate(state)` is true and return the state.
 
@@ -210,7 +208,7 @@ class Sandbox:
             self._waiters.remove(waiter)
         return self.state
 
-    async def wait_for_requests(self, count: int, timeout: float = 10.0) -> SandboxState:  # noqa: ASYNC109
+    async def wait_for_requests(self, count: int, timeout: float = 10.0) -> SandboxState:
         """Wait until the sandbox has finished `count` API requests in total."""
         return await self.wait_for(lambda state: state.total_requests >= count, timeout)
 

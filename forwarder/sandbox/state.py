@@ -1,4 +1,4 @@
-"""What the sandbox recorded: accepted events per site, counters and the request log."""
+"""Recorded sandbox state: accepted events per site, counters and the request log."""
 
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ class ReceivedEvent:
 class RequestRecord:
     """One API request, as written to the request log.
 
-    `status` is None when no response was sent. `outcome` then says why: `reset` (the
-    sandbox aborted the connection), `client_closed` (the client disconnected first) or
-    `cancelled` (the sandbox stopped during the request).
+    `status` is None when no response was sent, and `outcome` then gives the reason:
+    `reset` (the sandbox aborted the connection), `client_closed` (the client
+    disconnected first) or `cancelled` (the sandbox stopped during the request).
     `token` is the token's label, never the token itself. `events` counts the events
     in the body, and `accepted` those that were accepted.
     """
@@ -85,16 +85,18 @@ class SandboxState:
             )
         self.record: RecordMode = record
         self.request_log_limit = request_log_limit
+        # Requests being handled, and those of them held by a hang fault.
         self.in_flight = 0
+        self.hanging = 0
         self.clear()
 
     def clear(self) -> None:
-        """Forget every event, counter and logged request; `in_flight` stays live."""
+        """Forget every event, counter and logged request. `in_flight` and `hanging` stay live."""
         self.received: dict[str, list[ReceivedEvent]] = {}
         self.accepted: Counter[tuple[str, str]] = Counter()
         self.rejected: Counter[tuple[str, str]] = Counter()
         self.duplicates: Counter[tuple[str, str]] = Counter()
-        # The latest requests; the counters below cover every request.
+        # The latest requests. The counters below cover every request.
         self.requests: deque[RequestRecord] = deque(maxlen=self.request_log_limit)
         self.requests_by_status: Counter[int | str] = Counter()
         self.total_requests = 0
@@ -170,6 +172,7 @@ class SandboxState:
             "requests": {
                 "total": self.total_requests,
                 "in_flight": self.in_flight,
+                "hanging": self.hanging,
                 "by_status": {
                     str(key): value
                     for key, value in sorted(self.requests_by_status.items(), key=str)
@@ -189,7 +192,8 @@ class SandboxState:
             f"{key}: {value}" for key, value in sorted(self.requests_by_status.items(), key=str)
         )
         return (
-            f"{self.total_requests} requests ({statuses or 'none'}), {self.in_flight} in flight, "
+            f"{self.total_requests} requests ({statuses or 'none'}), {self.in_flight} in flight "
+            f"({self.hanging} hanging), "
             f"{self.total_accepted} events accepted, {self.total_rejected} rejected, "
             f"{self.total_duplicates} duplicates"
         )

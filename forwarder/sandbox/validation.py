@@ -81,7 +81,7 @@ def first_error(event_type: str, data: Any) -> dict[str, str] | None:
         validator(event_type)(data)
     except fastjsonschema.JsonSchemaValueException as exc:
         missing = _first_missing(exc)
-        # exc.path starts with the root name "data"; array indexes are strings already.
+        # exc.path starts with the root name "data", and array indexes are strings already.
         parts = [str(part) for part in exc.path[1:]]
         if missing is not None:
             parts.append(missing)
