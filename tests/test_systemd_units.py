@@ -45,7 +45,7 @@ def test_unit_lifecycle_settings(unit: Path) -> None:
     assert values["RestartSec"] == ["2"]
     assert values["KillSignal"] == ["SIGTERM"]
     assert values["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
-    assert values["LoadCredential"] == ["jirafe-token:/etc/jirafe-forwarder/token"]
+    assert values["LoadCredential"] == ["jirafe-token:/etc/jirafe-forwarder/jirafe-token"]
     # The daemon's hard deadline must end before systemd's stop timeout kills it.
     assert float(values["TimeoutStopSec"][0]) == SYSTEMD_TIMEOUT_STOP_S
     assert ShutdownConfig().hard_deadline_s < SYSTEMD_TIMEOUT_STOP_S
