@@ -1,6 +1,6 @@
 """`jirafe-forwarder status`: one read-only snapshot of the pipeline in Redis.
 
-Every figure comes from the keys documented in `forwarder.redis_store`; the command
+Every figure comes from the keys documented in `forwarder.redis_store`. The command
 sends only read commands (LLEN, GET, PTTL, HGETALL, ZRANGE, TIME and the like), so
 it is safe to run against a production Redis at any time.
 
@@ -238,8 +238,8 @@ def _read_dead(
             by_reason[reason] = by_reason.get(reason, 0) + 1
             by_site[site] = by_site.get(site, 0) + 1
     limits = config.dead_letter
-    # The lanes cannot write a dead letter once either limit is reached, and the
-    # intake then stops claiming; see the claim and ack scripts in redis_store.
+    # Once either limit is reached, the lanes cannot write a dead letter and the
+    # intake stops claiming (the claim, route and ack scripts in redis_store).
     full = count >= limits.max_entries or size >= limits.max_bytes
     return {
         "entries": count,
@@ -286,6 +286,7 @@ def _measure_rate(
     method = "delivered between two lease renewals of each live instance"
     if not ids:
         return {"delivered_per_s": None, "window_s": None, "instances": 0, "method": method}
+
     first = _sample_instances(client, keys, ids, ttl_ms)
     deadline = time.monotonic() + config.lease.renew_interval_s + 1.0
     latest = first
@@ -302,6 +303,7 @@ def _measure_rate(
             break
         time.sleep(RATE_POLL_S)
         latest = _sample_instances(client, keys, ids, ttl_ms)
+
     total_rate = 0.0
     measured = 0
     windows = []
@@ -317,6 +319,7 @@ def _measure_rate(
         total_rate += rate
         measured += 1
         windows.append(window_s)
+
     for instance in instances:
         if instance["id"] in per_instance:
             instance["delivered_per_s"] = per_instance[instance["id"]]
@@ -336,9 +339,11 @@ def _assess(status: dict[str, Any]) -> tuple[list[str], list[str]]:
         if lane["state"] == "paused":
             problems.append(
                 f"site {lane['site_id']} ({lane['kind']} lane) is paused: {lane['last_error'] or 'no reason recorded'};"
-                f" {lane['backlog']} events wait in Redis. Fix the site's token and run"
-                " 'systemctl reload jirafe-forwarder'"
+                f" {lane['backlog']} events wait in Redis. Fix the site's token, then run"
+                " 'systemctl restart jirafe-forwarder' (or reload, for a token that is not a"
+                " systemd credential)"
             )
+
     dead = status["dead_letters"]
     if dead["full"]:
         problems.append(
@@ -346,6 +351,7 @@ def _assess(status: dict[str, Any]) -> tuple[list[str], list[str]]:
             f" {dead['bytes']} of {dead['max_bytes']} bytes): intake is stopped. Inspect with"
             " 'jirafe-forwarder dead list', then 'dead replay' or 'dead purge'"
         )
+
     queue = status["queue"]
     waiting = queue["backlog"] + queue["claimed"] + queue["in_lanes"]
     if status["live_instances"] == 0 and waiting > 0:
@@ -353,6 +359,7 @@ def _assess(status: dict[str, Any]) -> tuple[list[str], list[str]]:
             f"no live forwarder instance, and {waiting} events wait in Redis:"
             " start the service ('systemctl start jirafe-forwarder')"
         )
+
     retrying = status["lane_totals"]["retrying"]
     if retrying:
         notices.append(f"{retrying} lane(s) retrying with backoff")
@@ -426,14 +433,14 @@ def render(status: dict[str, Any], max_lanes: int = 20) -> str:
         f"lanes:        {totals['lanes']} known, {totals['paused']} paused, {totals['retrying']} retrying,"
         f" {totals['backlog']} events queued"
     )
-    shown = status["lanes"] if max_lanes <= 0 else status["lanes"][:max_lanes]
-    if shown:
-        rows = [_LANE_COLUMNS, *(_lane_row(lane, now_ms) for lane in shown)]
+    listed = status["lanes"] if max_lanes <= 0 else status["lanes"][:max_lanes]
+    if listed:
+        rows = [_LANE_COLUMNS, *(_lane_row(lane, now_ms) for lane in listed)]
         widths = [max(len(row[column]) for row in rows) for column in range(len(_LANE_COLUMNS) - 1)]
         for row in rows:
             cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
             lines.append("  " + "  ".join([*cells, row[-1]]).rstrip())
-    hidden = len(status["lanes"]) - len(shown)
+    hidden = len(status["lanes"]) - len(listed)
     if hidden > 0:
         lines.append(f"  ... {hidden} more lanes with smaller backlogs (--lanes 0 lists all)")
 
