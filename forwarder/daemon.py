@@ -47,6 +47,18 @@ REDIS_TRANSIENT = (
     OSError,
 )
 
+# Error replies that mean "this server cannot serve you right now", not "your command is
+# wrong": a blocked read released by a failover (UNBLOCKED), a replica that lost its
+# primary (MASTERDOWN), a cluster reconfiguring (CLUSTERDOWN, TRYAGAIN).
+TRANSIENT_REPLY_PREFIXES = ("UNBLOCKED", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "READONLY")
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, REDIS_TRANSIENT):
+        return True
+    return isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(TRANSIENT_REPLY_PREFIXES)
+
+
 # How often the scheduler looks for lanes made due by other instances.
 SCHEDULER_POLL_S = 0.2
 STATUS_INTERVAL_S = 2.0
@@ -140,7 +152,9 @@ class Daemon:
         while True:
             try:
                 result = await fn(*args)
-            except REDIS_TRANSIENT as exc:
+            except (redis_errors.RedisError, OSError) as exc:
+                if not is_transient(exc):
+                    raise
                 failures += 1
                 name = getattr(fn, "__name__", "call")
                 delay = backoff_delay_s(failures, 0.05, 2.0)

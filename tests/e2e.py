@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -109,7 +109,18 @@ async def wait_drained(client: aioredis.Redis, timeout: float = 60, prefix: str 
     from forwarder.demo import drained
 
     async def check() -> None:
-        while not await drained(client, prefix):
+        # Redis offers no event for "these keys are empty", so poll it.
+        while not await drained(client, prefix):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(check(), timeout)
+
+
+async def wait_redis(read: Callable[[], Awaitable[Any]], expected: Any, timeout: float = 30) -> None:
+    """Poll a Redis read until it returns `expected` (Redis offers no event to await here)."""
+
+    async def check() -> None:
+        while await read() != expected:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
 
     await asyncio.wait_for(check(), timeout)

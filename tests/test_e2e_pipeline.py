@@ -98,7 +98,7 @@ async def test_api_rejected_elements_dead_lettered_not_resent(
     bad_order["data"]["status"] = "canceled"
     bad_cart = orjson.loads(envelope("1001", "cart", 101))
     del bad_cart["data"]["total"]
-    entries = good[:10] + [orjson.dumps(bad_order)] + good[10:20] + [orjson.dumps(bad_cart)] + good[20:]
+    entries = [*good[:10], orjson.dumps(bad_order), *good[10:20], orjson.dumps(bad_cart), *good[20:]]
 
     async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
         env = daemon_env(redis_server.url, sandbox.base_url, batch_linger_ms=300)
