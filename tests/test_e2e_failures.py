@@ -22,6 +22,7 @@ from tests.e2e import (
     received_order,
     run_cli,
     wait_drained,
+    wait_redis,
 )
 from tests.servers import RedisServer
 
@@ -336,3 +337,31 @@ async def test_dead_letter_store_bound_stops_intake(
         assert sorted(event.data["seq"] for event in sandbox.state.events("1001")) == list(range(30))
         assert sandbox.state.total_duplicates == 0
     assert await dead_export(env) == []
+
+
+async def test_attempt_counts_survive_restart(redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    poison = envelope("1001", "pageview", 1, poison=True)
+    async with Sandbox(tokens={"token-default": {"1001", "1002"}}) as sandbox:
+        sandbox.faults.add("poison", status=503)
+        env = daemon_env(redis_server.url, sandbox.base_url, **{**FAST, "retry_max_attempts": 4})
+        await push(redis_client, [poison, *[envelope("1002", "cart", n) for n in range(5)]])
+        daemon = await DaemonProcess(env).start()
+        await wait_redis(lambda: _attempts(redis_client), 2)
+        await daemon.kill()
+
+        # Successes of another site after the restart show the API works.
+        await push(redis_client, [envelope("1002", "cart", n) for n in range(5, 10)])
+        daemon = await DaemonProcess(env).start()
+        await daemon.wait_for_log("event dead-lettered", timeout=30)
+        assert await daemon.stop() == 0
+        poison_requests = [record for record in sandbox.state.requests if record.site == "1001"]
+        assert len(poison_requests) == 4
+        assert sandbox.state.accepted_count("1002") == 10
+
+    dead = await dead_export(env)
+    assert [(record["reason"], record["attempts"]) for record in dead] == [("retries_exhausted", 4)]
+
+
+async def _attempts(client: aioredis.Redis) -> int | None:
+    record = await client.hget("jirafe:lanes:attempts", "1001:pageview")
+    return None if record is None else int(record.split(b",")[0])
