@@ -275,7 +275,8 @@ class LaneSender:
     ) -> bool:
         daemon = self.daemon
         config = daemon.config
-        popped_bytes = sum(len(items[i].raw) + 9 for i in range(pop_count))
+        # The same measure the route script added per item: data bytes plus a comma.
+        popped_bytes = sum(len(items[i].data) + 1 for i in range(pop_count))
         ack_id = f"{daemon.instance_id}:{next(_ack_ids)}"
         status, _ = await daemon.redis_call(
             daemon.store.ack, daemon.instance_id, self.lane, ack_id, pop_count, popped_bytes,
