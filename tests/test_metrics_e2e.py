@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -17,6 +19,23 @@ from tests.servers import RedisServer, free_port
 SITES = ["1001", "1002", "1003"]
 TYPES = ["cart", "order", "product", "pageview"]
 MALFORMED = [b"{not json", b"also not json", b'{"site_id":"1001","type":"basket","data":{}}', b"[]"]
+StartDaemon = Callable[..., Awaitable[DaemonProcess]]
+
+
+@pytest.fixture
+async def start_daemon() -> AsyncIterator[StartDaemon]:
+    """Start daemons that are killed at teardown, so that a failed test leaves none running."""
+    started: list[DaemonProcess] = []
+
+    async def start(env: dict[str, str], args: list[str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(env, args)
+        started.append(daemon)
+        return await daemon.start()
+
+    yield start
+    for daemon in started:
+        await daemon.kill()
+
 
 
 def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -30,7 +49,7 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
 
 
 async def test_metrics_match_sandbox_and_dead_letters(
-    redis_server: RedisServer, redis_client: aioredis.Redis
+    redis_server: RedisServer, redis_client: aioredis.Redis, start_daemon: StartDaemon
 ) -> None:
     entries = [envelope(SITES[n % 3], TYPES[(n // 3) % 4], n) for n in range(240)]
     # Two events the API rejects one by one: a cart without its total, an order
@@ -45,7 +64,7 @@ async def test_metrics_match_sandbox_and_dead_letters(
     async with Sandbox(tokens={"token-default": set(SITES)}) as sandbox:
         env = daemon_env(redis_server.url, sandbox.base_url, batch_linger_ms=20,
                          metrics_listen=f"127.0.0.1:{port}")
-        daemon = await DaemonProcess(env).start()
+        daemon = await start_daemon(env)
         await push(redis_client, entries)
         await sandbox.wait_for(lambda state: state.total_accepted >= 240, timeout=30)
         await wait_drained(redis_client)

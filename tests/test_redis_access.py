@@ -7,7 +7,7 @@ import shlex
 import shutil
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -22,6 +22,23 @@ from tests.servers import RedisServer, free_port
 
 OPERATIONS = Path(ROOT) / "docs" / "operations.md"
 PASSWORD = "acl-test-password-6d1f"
+StartDaemon = Callable[..., Awaitable[DaemonProcess]]
+
+
+@pytest.fixture
+async def start_daemon() -> AsyncIterator[StartDaemon]:
+    """Start daemons that are killed at teardown, so that a failed test leaves none running."""
+    started: list[DaemonProcess] = []
+
+    async def start(env: dict[str, str], args: list[str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(env, args)
+        started.append(daemon)
+        return await daemon.start()
+
+    yield start
+    for daemon in started:
+        await daemon.kill()
+
 
 
 def documented_acl_command() -> list[str]:
@@ -40,7 +57,7 @@ async def acl_url(redis_server: RedisServer, redis_client: aioredis.Redis) -> As
 
 
 async def test_documented_acl_covers_daemon_and_cli(
-    tmp_path: Path, acl_url: str, redis_client: aioredis.Redis
+    tmp_path: Path, acl_url: str, redis_client: aioredis.Redis, start_daemon: StartDaemon
 ) -> None:
     # The user may touch only keys under the prefix.
     limited = aioredis.Redis.from_url(acl_url)
@@ -59,7 +76,7 @@ async def test_documented_acl_covers_daemon_and_cli(
 
     async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
         env = daemon_env(acl_url, sandbox.base_url, token=None, batch_linger_ms=20)
-        daemon = await DaemonProcess(env, ["--config", str(config)]).start()
+        daemon = await start_daemon(env, ["--config", str(config)])
         await push(redis_client, entries)
         await sandbox.wait_for(lambda state: state.total_accepted >= 20, timeout=30)
         await daemon.wait_for_log("site paused: the API rejected its credentials; events are kept")
@@ -147,14 +164,14 @@ async def wait_for_tls_redis(url: str) -> aioredis.Redis:
                 await asyncio.sleep(0.05)  # the server is still starting; nothing to await
 
 
-async def test_daemon_and_cli_over_tls(tmp_path: Path, tls_redis: tuple[int, Path]) -> None:
+async def test_daemon_and_cli_over_tls(tmp_path: Path, tls_redis: tuple[int, Path], start_daemon: StartDaemon) -> None:
     port, ca_file = tls_redis
     url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca_file}"
     client = await wait_for_tls_redis(url)
     try:
         async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
             env = daemon_env(url, sandbox.base_url, batch_linger_ms=20)
-            daemon = await DaemonProcess(env).start()
+            daemon = await start_daemon(env)
             data_file = tmp_path / "events.jsonl"
             data_file.write_bytes(b"\n".join(envelope("1001", "cart", n) for n in range(30)))
             code, _, stderr = await run_cli("enqueue", str(data_file), env=env)

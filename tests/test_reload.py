@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,23 @@ from tests.servers import RedisServer
 TOKEN_A = "token-rotation-a"
 TOKEN_B = "token-rotation-b"
 SITES = ["1001", "1002"]
+StartDaemon = Callable[..., Awaitable[DaemonProcess]]
+
+
+@pytest.fixture
+async def start_daemon() -> AsyncIterator[StartDaemon]:
+    """Start daemons that are killed at teardown, so that a failed test leaves none running."""
+    started: list[DaemonProcess] = []
+
+    async def start(env: dict[str, str], args: list[str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(env, args)
+        started.append(daemon)
+        return await daemon.start()
+
+    yield start
+    for daemon in started:
+        await daemon.kill()
+
 
 
 def write_config(path: Path, token: str, extra: str = "") -> None:
@@ -30,7 +48,7 @@ def write_config(path: Path, token: str, extra: str = "") -> None:
 # until the lane empties. Remove this mark together with that fix in forwarder/lanes.py.
 @pytest.mark.xfail(strict=True, reason="a running lane task keeps the token from before the reload")
 async def test_reload_rotates_token_mid_drain(
-    tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis
+    tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis, start_daemon: StartDaemon
 ) -> None:
     config = tmp_path / "forwarder.toml"
     write_config(config, TOKEN_A)
@@ -42,7 +60,7 @@ async def test_reload_rotates_token_mid_drain(
         # comes from the file only, not from the environment.
         env = daemon_env(redis_server.url, sandbox.base_url, token=None, api_max_concurrency=1,
                          batch_max_events=50, batch_linger_ms=20)
-        daemon = await DaemonProcess(env, ["--config", str(config)]).start()
+        daemon = await start_daemon(env, ["--config", str(config)])
         await push(redis_client, entries)
         await sandbox.wait_for(lambda state: state.total_accepted >= 400, timeout=30)
 
@@ -74,14 +92,14 @@ async def test_reload_rotates_token_mid_drain(
 
 
 async def test_reload_invalid_config_keeps_running(
-    tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis
+    tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis, start_daemon: StartDaemon
 ) -> None:
     config = tmp_path / "forwarder.toml"
     write_config(config, TOKEN_A)
 
     async with Sandbox(tokens={TOKEN_A: {"1001"}}) as sandbox:
         env = daemon_env(redis_server.url, sandbox.base_url, token=None, batch_linger_ms=20)
-        daemon = await DaemonProcess(env, ["--config", str(config)]).start()
+        daemon = await start_daemon(env, ["--config", str(config)])
         await push(redis_client, [envelope("1001", "cart", n) for n in range(10)])
         await sandbox.wait_for(lambda state: state.total_accepted >= 10, timeout=30)
 
@@ -103,7 +121,7 @@ async def test_reload_invalid_config_keeps_running(
 
 
 async def test_reload_resumes_paused_site(
-    tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis
+    tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis, start_daemon: StartDaemon
 ) -> None:
     config = tmp_path / "forwarder.toml"
     write_config(config, TOKEN_A)
@@ -113,7 +131,7 @@ async def test_reload_resumes_paused_site(
         # within the test.
         env = daemon_env(redis_server.url, sandbox.base_url, token=None, batch_linger_ms=20,
                          retry_pause_base_s=3600, retry_pause_cap_s=7200)
-        daemon = await DaemonProcess(env, ["--config", str(config)]).start()
+        daemon = await start_daemon(env, ["--config", str(config)])
         await push(redis_client, [envelope("1002", "order", n) for n in range(15)])
         await daemon.wait_for_log("site paused: the API rejected its credentials; events are kept")
         assert await redis_client.llen("jirafe:lane:1002:batch") == 15
@@ -128,3 +146,31 @@ async def test_reload_resumes_paused_site(
         assert [event.data["seq"] for event in sandbox.state.events("1002", "order")] == list(range(15))
         assert sandbox.state.total_duplicates == 0
         assert daemon.logs("site lane recovered")
+
+
+# NOTE: a restarted daemon knows nothing of the pauses of the process before it, so a
+# paused site waits for its pause backoff to end. Remove this mark together with the
+# change that probes paused lanes (read from Redis) when the daemon starts.
+@pytest.mark.xfail(strict=True, reason="a restart does not probe sites paused before it")
+async def test_restart_resumes_paused_site(
+    tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis, start_daemon: StartDaemon
+) -> None:
+    # The runbook for a token from a systemd credential: fix the token file, restart.
+    config = tmp_path / "forwarder.toml"
+    write_config(config, TOKEN_A)
+
+    async with Sandbox(tokens={TOKEN_A: {"1001"}, TOKEN_B: {"1002"}}) as sandbox:
+        env = daemon_env(redis_server.url, sandbox.base_url, token=None, batch_linger_ms=20,
+                         retry_pause_base_s=3600, retry_pause_cap_s=7200)
+        first = await start_daemon(env, ["--config", str(config)])
+        await push(redis_client, [envelope("1002", "order", n) for n in range(15)])
+        await first.wait_for_log("site paused: the API rejected its credentials; events are kept")
+        assert await first.stop() == 0
+
+        write_config(config, TOKEN_A, f'\n[sites."1002"]\ntoken = "{TOKEN_B}"\n')
+        second = await start_daemon(env, ["--config", str(config)])
+        await sandbox.wait_for(lambda state: state.total_accepted >= 15, timeout=15)
+        await wait_drained(redis_client)
+        assert await second.stop() == 0
+
+        assert [event.data["seq"] for event in sandbox.state.events("1002", "order")] == list(range(15))

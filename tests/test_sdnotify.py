@@ -6,7 +6,7 @@ import asyncio
 import signal
 import socket
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,6 +17,23 @@ from tests.e2e import envelope, push
 from tests.servers import RedisServer
 
 MALFORMED = [b"{not json", b"[1]", b'{"site_id":"1001","type":"basket","data":{}}']
+StartDaemon = Callable[..., Awaitable[DaemonProcess]]
+
+
+@pytest.fixture
+async def start_daemon() -> AsyncIterator[StartDaemon]:
+    """Start daemons that are killed at teardown, so that a failed test leaves none running."""
+    started: list[DaemonProcess] = []
+
+    async def start(env: dict[str, str], args: list[str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(env, args)
+        started.append(daemon)
+        return await daemon.start()
+
+    yield start
+    for daemon in started:
+        await daemon.kill()
+
 
 
 class NotifySocket:
@@ -43,11 +60,11 @@ class NotifySocket:
                 self.messages.append(fields)
                 self._changed.notify_all()
 
-    async def wait_for(self, predicate: object, timeout: float = 20) -> dict[str, str]:
+    async def wait_for(self, predicate: Callable[[dict[str, str]], bool], timeout: float = 20) -> dict[str, str]:
         """Wait for a message matching `predicate(fields)` and return the first one."""
 
         def found() -> dict[str, str] | None:
-            return next((fields for fields in self.messages if predicate(fields)), None)  # type: ignore[operator]
+            return next((fields for fields in self.messages if predicate(fields)), None)
 
         async with asyncio.timeout(timeout):
             async with self._changed:
@@ -74,7 +91,7 @@ async def notify_socket() -> AsyncIterator[NotifySocket]:
 
 
 async def test_sd_notify_sequence(
-    redis_server: RedisServer, redis_client: aioredis.Redis, notify_socket: NotifySocket
+    redis_server: RedisServer, redis_client: aioredis.Redis, notify_socket: NotifySocket, start_daemon: StartDaemon
 ) -> None:
     async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
         env = daemon_env(redis_server.url, sandbox.base_url, batch_linger_ms=20, dead_letter_max_entries=3)
@@ -82,7 +99,7 @@ async def test_sd_notify_sequence(
         # A 2 s watchdog: the daemon pings and reports every second.
         env["WATCHDOG_USEC"] = "2000000"
         env.pop("WATCHDOG_PID", None)
-        daemon = await DaemonProcess(env).start()
+        daemon = await start_daemon(env)
 
         first = await notify_socket.wait_for(lambda _: True)
         assert first["READY"] == "1"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -26,6 +26,23 @@ INVALID_TOKEN = "tok-Secret-Invalid 77"
 REDIS_PASSWORD = "tok-Secret-RedisPassword-31c9"
 TOKENS = [DEFAULT_TOKEN, REVOKED_TOKEN, ENV_TOKEN, INVALID_TOKEN, REDIS_PASSWORD]
 REDIS_USER = "forwarder-secrets-test"
+StartDaemon = Callable[..., Awaitable[DaemonProcess]]
+
+
+@pytest.fixture
+async def start_daemon() -> AsyncIterator[StartDaemon]:
+    """Start daemons that are killed at teardown, so that a failed test leaves none running."""
+    started: list[DaemonProcess] = []
+
+    async def start(env: dict[str, str], args: list[str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(env, args)
+        started.append(daemon)
+        return await daemon.start()
+
+    yield start
+    for daemon in started:
+        await daemon.kill()
+
 
 
 def valid_config(path: Path) -> None:
@@ -51,7 +68,7 @@ def assert_no_token(name: str, output: bytes) -> None:
 
 @pytest.fixture
 async def redis_url(redis_server: RedisServer, redis_client: aioredis.Redis) -> AsyncIterator[str]:
-    """URL of an ACL user with a password on the test server, so that the URL holds a secret too."""
+    """URL of an ACL user with a password on the test server, so that the URL contains a secret too."""
     await redis_client.acl_setuser(
         REDIS_USER, enabled=True, passwords=[f"+{REDIS_PASSWORD}"], keys=["jirafe:*"], commands=["+@all"]
     )
@@ -59,7 +76,7 @@ async def redis_url(redis_server: RedisServer, redis_client: aioredis.Redis) -> 
     await redis_client.acl_deluser(REDIS_USER)
 
 
-async def test_tokens_never_leak(tmp_path: Path, redis_url: str, redis_client: aioredis.Redis) -> None:
+async def test_tokens_never_leak(tmp_path: Path, redis_url: str, redis_client: aioredis.Redis, start_daemon: StartDaemon) -> None:
     config = tmp_path / "forwarder.toml"
     valid_config(config)
     port = free_port()
@@ -82,7 +99,7 @@ async def test_tokens_never_leak(tmp_path: Path, redis_url: str, redis_client: a
         env = daemon_env(redis_url, sandbox.base_url, token=None, batch_linger_ms=20,
                          retry_base_s=0.05, retry_cap_s=0.2, metrics_listen=f"127.0.0.1:{port}",
                          sites_1003_token=ENV_TOKEN)
-        daemon = await DaemonProcess(env, ["--config", str(config)]).start()
+        daemon = await start_daemon(env, ["--config", str(config)])
         await push(redis_client, entries)
         await sandbox.wait_for(lambda state: state.total_accepted >= 25, timeout=30)
         await daemon.wait_for_log("site paused: the API rejected its credentials; events are kept")

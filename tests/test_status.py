@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from forwarder.sandbox import Sandbox
@@ -16,6 +18,23 @@ from tests.e2e import envelope, push, run_cli
 from tests.servers import RedisServer, free_port
 
 MALFORMED = [b"{not json", b"[1]", b'{"site_id":"1001","type":"basket","data":{}}']
+StartDaemon = Callable[..., Awaitable[DaemonProcess]]
+
+
+@pytest.fixture
+async def start_daemon() -> AsyncIterator[StartDaemon]:
+    """Start daemons that are killed at teardown, so that a failed test leaves none running."""
+    started: list[DaemonProcess] = []
+
+    async def start(env: dict[str, str], args: list[str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(env, args)
+        started.append(daemon)
+        return await daemon.start()
+
+    yield start
+    for daemon in started:
+        await daemon.kill()
+
 
 
 def clean_env() -> dict[str, str]:
@@ -41,10 +60,10 @@ def lane(document: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 async def test_status_paused_site_and_dead_letters(
-    tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis
+    tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis, start_daemon: StartDaemon
 ) -> None:
     good = [envelope("1001", "order", n) for n in range(30)]
-    # The token may write to 1001 only, so the API answers 403 for 1002 and pauses it.
+    # The token may write to 1001 only, so the API returns 403 for 1002 and the daemon pauses it.
     paused = [envelope("1002", "cart", n) for n in range(20)]
     invalid_cart = orjson.loads(envelope("1001", "cart", 99))
     del invalid_cart["data"]["total"]
@@ -52,7 +71,7 @@ async def test_status_paused_site_and_dead_letters(
 
     async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
         env = daemon_env(redis_server.url, sandbox.base_url, batch_linger_ms=20)
-        daemon = await DaemonProcess(env).start()
+        daemon = await start_daemon(env)
         await push(redis_client, [*good, *paused, *MALFORMED, orjson.dumps(invalid_cart)])
         await sandbox.wait_for(lambda state: state.total_accepted >= 30, timeout=30)
         await daemon.wait_for_log("site paused: the API rejected its credentials; events are kept")
@@ -122,12 +141,12 @@ async def test_status_healthy_empty(tmp_path: Path, redis_server: RedisServer, r
 
 
 async def test_status_dead_letter_store_full(
-    tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis
+    tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis, start_daemon: StartDaemon
 ) -> None:
     config = write_config(tmp_path, redis_server.url, "[dead_letter]\nmax_entries = 3\n")
     async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
         env = daemon_env(redis_server.url, sandbox.base_url, dead_letter_max_entries=3)
-        daemon = await DaemonProcess(env).start()
+        daemon = await start_daemon(env)
         await push(redis_client, MALFORMED)
         await daemon.wait_for(lambda records: len([r for r in records if "dead-lettered" in r["event"]]) >= 3)
         # The store is full, so the intake leaves these in the producer list.
