@@ -323,6 +323,8 @@ def _measure_rate(
     for instance in instances:
         if instance["id"] in per_instance:
             instance["delivered_per_s"] = per_instance[instance["id"]]
+            # The total as of the latest renewal, which the rate ends with.
+            instance["delivered"] = latest[instance["id"]].delivered
     return {
         "delivered_per_s": round(total_rate, 1) if measured else None,
         "window_s": round(max(windows), 3) if windows else None,
@@ -412,7 +414,7 @@ def render(status: dict[str, Any], max_lanes: int = 20) -> str:
         rate_text = f", {rate:g} events/s" if rate is not None else ""
         lines.append(
             f"  {instance['id']}  host {instance['host']} pid {instance['pid']}, {heartbeat},"
-            f" {instance['lanes_leased']} lanes leased, {instance['delivered']} delivered since start{rate_text}"
+            f" {instance['lanes_leased']} lanes leased, {instance['delivered']} delivered at its last renewal{rate_text}"
         )
 
     rate = status["rate"]

@@ -210,6 +210,7 @@ async def test_status_measures_rate_between_renewals(
     assert rate["window_s"] > 0
     (entry,) = document["instances"]
     assert entry["delivered_per_s"] == rate["delivered_per_s"]
+    assert entry["delivered"] > 0
     assert entry["host"] == "host-a"
 
 
