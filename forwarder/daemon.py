@@ -97,6 +97,9 @@ class Daemon:
         self.intake = Intake(self)
         self._wake = asyncio.Event()
         self._lane_tasks: dict[str, asyncio.Task[None]] = {}
+        # Held while leasing lanes and while renewing: the renewal releases leases that
+        # have no lane task, so it must not run between a lease and its task's start.
+        self._lease_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._progress: dict[str, float] = {}
         self._metrics_runner: Any = None
@@ -149,10 +152,17 @@ class Daemon:
         never pops events twice.
         """
         failures = 0
+        redis_config = self.config.redis
+        # A guard over redis-py's own socket timeouts: whatever goes wrong inside the
+        # client, no call may wait longer than a connect, a blocking read and a reply.
+        deadline_s = redis_config.connect_timeout_s + redis_config.block_timeout_s + 2 * redis_config.socket_timeout_s
         while True:
             try:
-                result = await fn(*args)
-            except (redis_errors.RedisError, OSError) as exc:
+                async with asyncio.timeout(deadline_s):
+                    result = await fn(*args)
+            except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError) and not isinstance(exc, redis_errors.RedisError):
+                    exc = redis_errors.TimeoutError(f"no reply within {deadline_s:.1f} s")
                 if not is_transient(exc):
                     raise
                 failures += 1
@@ -187,7 +197,10 @@ class Daemon:
                 return self._exit_code()
             await self._start_metrics_server()
             await self.reap_instances()
-            await self.redis_call(self.store.renew, self.instance_id, self.lease_ttl_ms, self._instance_info())
+            # A start may come with new credentials (systemd copies them only at
+            # start), so sites paused by an earlier process are probed at once.
+            await self._probe_paused_lanes()
+            await self.redis_call(self.store.renew, self.instance_id, self.lease_ttl_ms, self._instance_info(), [])
             for name, coro in (
                 ("intake", self.intake.run()),
                 ("scheduler", self._scheduler()),
@@ -255,9 +268,10 @@ class Daemon:
             free = config.api.max_concurrency - len(self._lane_tasks)
             delay = SCHEDULER_POLL_S
             if free > 0:
-                schedule = await self.redis_call(self.store.schedule, self.instance_id, self.lease_ttl_ms, free)
-                for lane in schedule.lanes:
-                    self._start_lane(lane, flush_only=False)
+                async with self._lease_lock:
+                    schedule = await self.redis_call(self.store.schedule, self.instance_id, self.lease_ttl_ms, free)
+                    for lane in schedule.lanes:
+                        self._start_lane(lane, flush_only=False)
                 if schedule.next_due_ms is not None:
                     delay = min(delay, max(0.0, (schedule.next_due_ms - schedule.now_ms) / 1000))
                 if schedule.lanes and len(schedule.lanes) == free:
@@ -291,14 +305,20 @@ class Daemon:
     # ---------------------------------------------------------- leases, reaper
 
     async def _renewer(self) -> None:
-        interval = self.config.lease.renew_interval_s
-        while not self.stopping.is_set():
+        # Runs until cancelled, after the shutdown's grace period: requests that finish
+        # during it must still hold their leases when they are acknowledged.
+        while True:
+            interval = self.config.lease.renew_interval_s
             self.progress("renewer")
-            lost = await self.redis_call(self.store.renew, self.instance_id, self.lease_ttl_ms, self._instance_info())
+            async with self._lease_lock:
+                lost = await self.redis_call(
+                    self.store.renew, self.instance_id, self.lease_ttl_ms, self._instance_info(),
+                    list(self._lane_tasks),
+                )
             for lane in lost:
                 log.warning("lane lease lost to another instance", lane=lane)
             await self.reap_instances()
-            await self.wait_stopping(interval)
+            await asyncio.sleep(interval)
 
     def _instance_info(self) -> bytes:
         return orjson.dumps({"host": self.hostname, "pid": os.getpid(), "delivered": self.delivered_total})
@@ -400,15 +420,35 @@ class Daemon:
         if new.api.max_batch_bytes != old.api.max_batch_bytes:
             # A ceiling learned from a 413 is kept until the limit itself changes.
             self.byte_ceiling = new.api.max_batch_bytes
+        paused = await self._probe_paused_lanes()
+        log.info("configuration reloaded", sites=len(new.sites), paused_lanes_probed=len(paused))
+        self.notifier.reloaded(await self._status_text())
+
+    async def _probe_paused_lanes(self) -> list[str]:
+        """Make every paused lane due now, and return those lanes.
+
+        Paused states in Redis add the lanes paused by an earlier process or another
+        instance to those this process paused.
+        """
+        # Lanes this process paused, including one whose state is not in Redis yet.
         paused = [lane for lane, state in self.lane_states.items() if state.state == "paused"]
+        states = await self.redis_call(self.redis.hgetall, self.store.keys.lane_state)
+        for raw_lane, raw_state in states.items():
+            try:
+                state = orjson.loads(raw_state)
+            except orjson.JSONDecodeError:
+                continue
+            lane = raw_lane.decode()
+            if isinstance(state, dict) and state.get("state") == "paused" and lane not in paused:
+                paused.append(lane)
         for lane in paused:
-            self.lane_states[lane].failures = 0
+            if lane in self.lane_states:
+                self.lane_states[lane].failures = 0
         if paused:
             # New tokens may have fixed a paused site: probe it now, not after its backoff.
             await self.redis_call(self.store.make_due_now, paused)
             self.wake_scheduler()
-        log.info("configuration reloaded", sites=len(new.sites), paused_lanes_probed=len(paused))
-        self.notifier.reloaded(await self._status_text())
+        return paused
 
     # -------------------------------------------------------------- shutdown
 
@@ -423,9 +463,11 @@ class Daemon:
 
         # Stage 1: stop claiming. The intake may be blocked in BLMOVE; cancelling it is
         # safe because an entry it moved stays in the claimed list, handed back below.
-        for task in self._tasks:
+        renewer = [task for task in self._tasks if task.get_name() == "renewer"]
+        others = [task for task in self._tasks if task not in renewer]
+        for task in others:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*others, return_exceptions=True)
 
         # Stage 2: flush lingering lanes at once, skipping lanes that are backing off.
         if not self.forced.is_set():
@@ -460,6 +502,10 @@ class Daemon:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+        for task in renewer:
+            task.cancel()
+        await asyncio.gather(*renewer, return_exceptions=True)
 
         # Stage 4: hand everything back: claimed entries to the queue, leases released.
         remaining = max(0.5, hard_deadline - time.monotonic())

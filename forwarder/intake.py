@@ -40,10 +40,11 @@ class Intake:
 
     async def run(self) -> None:
         daemon = self.daemon
-        config = daemon.config
         store = daemon.store
-        chunk = min(config.batch.intake_chunk_events, MAX_CHUNK_EVENTS)
         while not daemon.stopping.is_set():
+            # Read on every pass, so that a reload's limits apply to the next claim.
+            config = daemon.config
+            chunk = min(config.batch.intake_chunk_events, MAX_CHUNK_EVENTS)
             if not self.leader:
                 self.leader = await daemon.redis_call(
                     store.acquire_leadership, daemon.instance_id, daemon.lease_ttl_ms

@@ -77,7 +77,6 @@ class LaneSender:
     async def run(self) -> None:
         daemon = self.daemon
         store = daemon.store
-        config = daemon.config
         sent_batches = 0
         while True:
             max_count = 1 if self.tracker else self.state.cap_events
@@ -91,7 +90,8 @@ class LaneSender:
                 await self._ack(peek.now_ms, [], 0, [], keep_lease=False)
                 return
             items = [decode_item(raw) for raw in peek.items]
-            token = config.token_for(self.site_id)
+            # Read at each batch, so that a reload's new token applies to the next request.
+            token = daemon.config.token_for(self.site_id)
             if token is None:
                 await self._pause(peek, "no token configured for this site", None)
                 return

@@ -256,14 +256,19 @@ return {1, now_ms(), size, attempts, items}
 #       count_trigger, size_trigger, dl_max_entries, dl_max_bytes, ttl_ms, keep_lease,
 #       state_json, dead_count, then per dead letter: index in the lane, meta JSON.
 # Returns {status, now_ms}: 0 lane empty and released, 1 lease kept for the next batch,
-# 3 released with the rest due at the linger deadline, 2 this ack was applied already,
-# -1 lease lost (nothing done), -2 dead-letter store full (nothing done).
+# 3 released with the rest due at the linger deadline, -1 lease lost (nothing done),
+# -2 dead-letter store full (nothing done). A repeated ack_id returns the first status.
 _ACK = _COMMON + r"""
 local inst = ARGV[2]
 local lane = ARGV[3]
 local ack_id = ARGV[4]
 local acked = p .. ':lanes:acked'
-if redis.call('HGET', acked, lane) == ack_id then return {2, 0} end
+-- A retry after a lost reply finds its own id and gets the first result back, so it
+-- neither pops twice nor forgets that the lease was kept.
+local previous = redis.call('HGET', acked, lane)
+if previous and string.sub(previous, 1, #ack_id + 1) == ack_id .. '|' then
+  return {tonumber(string.sub(previous, #ack_id + 2)), 0}
+end
 local lease = p .. ':lease:' .. lane
 if redis.call('GET', lease) ~= inst then return {-1, 0} end
 local dead_count = tonumber(ARGV[15])
@@ -283,7 +288,6 @@ if pop_count > 0 then
   redis.call('LTRIM', key, pop_count, -1)
   redis.call('HDEL', p .. ':lanes:attempts', lane)
 end
-redis.call('HSET', acked, lane, ack_id)
 if ARGV[14] ~= '' then redis.call('HSET', p .. ':lanes:state', lane, ARGV[14]) end
 local bytes_key = p .. ':lanes:bytes'
 local total = redis.call('HINCRBY', bytes_key, lane, -tonumber(ARGV[6]))
@@ -295,15 +299,18 @@ if remaining == 0 then
   redis.call('ZREM', due, lane)
   redis.call('SREM', owned, lane)
   redis.call('HDEL', bytes_key, lane)
+  redis.call('HSET', acked, lane, ack_id .. '|0')
   return {0, now}
 end
 if ARGV[13] == '1' or remaining >= tonumber(ARGV[8]) or total >= tonumber(ARGV[9]) then
   redis.call('PEXPIRE', lease, tonumber(ARGV[12]))
+  redis.call('HSET', acked, lane, ack_id .. '|1')
   return {1, now}
 end
 redis.call('DEL', lease)
 redis.call('SREM', owned, lane)
 redis.call('ZADD', due, 'LT', tonumber(ARGV[7]), lane)
+redis.call('HSET', acked, lane, ack_id .. '|3')
 return {3, now}
 """
 
@@ -332,12 +339,16 @@ redis.call('ZADD', p .. ':lanes:due', now + tonumber(ARGV[4]), lane)
 return {attempts, first, now}
 """
 
-# ARGV: prefix, instance, ttl_ms, info_json. Renews the heartbeat, the intake
-# leadership and every lane lease of the instance; returns the lanes it lost.
+# ARGV: prefix, instance, ttl_ms, info_json, active lanes... Renews the heartbeat, the
+# intake leadership and the lease of every lane the instance is working on. A lease
+# the instance holds without working on it (its task ended without releasing it) is
+# released and made due, so no lane is stranded. Returns the lanes lost to others.
 _RENEW = r"""
 local p = ARGV[1]
 local inst = ARGV[2]
 local ttl = tonumber(ARGV[3])
+local active = {}
+for i = 5, #ARGV do active[ARGV[i]] = true end
 redis.call('SET', p .. ':instance:' .. inst, '1', 'PX', ttl)
 redis.call('HSET', p .. ':instances', inst, ARGV[4])
 local leader = p .. ':intake:leader'
@@ -346,11 +357,18 @@ local owned = p .. ':instance:' .. inst .. ':lanes'
 local lost = {}
 for _, lane in ipairs(redis.call('SMEMBERS', owned)) do
   local lease = p .. ':lease:' .. lane
-  if redis.call('GET', lease) == inst then
-    redis.call('PEXPIRE', lease, ttl)
-  else
+  if redis.call('GET', lease) ~= inst then
     redis.call('SREM', owned, lane)
     lost[#lost + 1] = lane
+  elseif active[lane] then
+    redis.call('PEXPIRE', lease, ttl)
+  else
+    redis.call('DEL', lease)
+    redis.call('SREM', owned, lane)
+    if redis.call('LLEN', p .. ':lane:' .. lane) > 0 then
+      local t = redis.call('TIME')
+      redis.call('ZADD', p .. ':lanes:due', 'LT', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), lane)
+    end
   end
 end
 return lost
@@ -593,8 +611,8 @@ class RedisStore:
         )
         return int(attempts), int(first), int(now)
 
-    async def renew(self, instance: str, ttl_ms: int, info_json: bytes) -> list[str]:
-        lost = await self._renew(args=[self._prefix, instance, ttl_ms, info_json])
+    async def renew(self, instance: str, ttl_ms: int, info_json: bytes, active_lanes: list[str]) -> list[str]:
+        lost = await self._renew(args=[self._prefix, instance, ttl_ms, info_json, *active_lanes])
         return [lane.decode() for lane in lost]
 
     async def release_instance(self, instance: str) -> int:

@@ -6,7 +6,32 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from tests.daemon_proc import DaemonProcess
 from tests.servers import RedisServer
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    if report.when == "call":
+        item.stash[_failed_key] = report.failed
+    return report
+
+
+_failed_key = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+async def daemon_cleanup(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Kill daemons a test left running; print their last log lines when it failed."""
+    DaemonProcess.started.clear()
+    yield
+    failed = request.node.stash.get(_failed_key, False)
+    for daemon in DaemonProcess.started:
+        if failed:
+            print(f"--- last log lines of daemon pid {daemon.pid} ---\n{daemon.tail(40)}")
+        await daemon.kill()
+    DaemonProcess.started.clear()
 
 
 @pytest.fixture(scope="session")

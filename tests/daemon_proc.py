@@ -33,6 +33,10 @@ def daemon_env(redis_url: str, base_url: str, token: str | None = "token-default
 class DaemonProcess:
     """`jirafe-forwarder run` in a subprocess; log records are parsed as they arrive."""
 
+    # Every daemon started by the current test, so that teardown can kill leftovers
+    # and show their logs when the test failed.
+    started: list[DaemonProcess] = []
+
     def __init__(self, env: Mapping[str, str], args: list[str] | None = None) -> None:
         self.env = dict(env)
         self.args = args or []
@@ -48,6 +52,7 @@ class DaemonProcess:
             env=self.env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, cwd=ROOT,
         )
+        DaemonProcess.started.append(self)
         self._reader = asyncio.create_task(self._read())
         if wait_ready:
             await self.wait_for_log("ready", timeout=timeout)

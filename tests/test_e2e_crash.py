@@ -260,7 +260,7 @@ async def test_redis_blackholed_longer_than_socket_timeout(own_redis: RedisServe
                 lambda records: any(r.get("event") == "redis call failed, retrying" and "Timeout" in r.get("error", "")
                                     for r in records), timeout=30)
             proxy.restore()
-            await sandbox.wait_for(lambda state: _unique(state) >= len(entries), timeout=120)
+            await sandbox.wait_for(lambda state: _unique(state) >= len(entries), timeout=60)
             await wait_drained(client)
             assert await daemon.stop() == 0
             assert first_occurrence_order(sandbox) == expected_order(entries)

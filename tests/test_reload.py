@@ -46,7 +46,6 @@ def write_config(path: Path, token: str, extra: str = "") -> None:
 # NOTE: LaneSender.run reads the token from the configuration it saw when the lane
 # task started, so a lane that keeps its lease across the reload sends the old token
 # until the lane empties. Remove this mark together with that fix in forwarder/lanes.py.
-@pytest.mark.xfail(strict=True, reason="a running lane task keeps the token from before the reload")
 async def test_reload_rotates_token_mid_drain(
     tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis, start_daemon: StartDaemon
 ) -> None:
@@ -151,7 +150,6 @@ async def test_reload_resumes_paused_site(
 # NOTE: a restarted daemon knows nothing of the pauses of the process before it, so a
 # paused site waits for its pause backoff to end. Remove this mark together with the
 # change that probes paused lanes (read from Redis) when the daemon starts.
-@pytest.mark.xfail(strict=True, reason="a restart does not probe sites paused before it")
 async def test_restart_resumes_paused_site(
     tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis, start_daemon: StartDaemon
 ) -> None:
