@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
 from forwarder.config import DEFAULT_CONFIG_PATH, Config, ConfigError, check_config, load_config
 from forwarder.logs import configure_logging, get_logger, redactor
+from forwarder.redis_connect import async_client
 
 log = get_logger("forwarder.cli")
 
@@ -176,8 +176,8 @@ async def _dead(config: Config, args: argparse.Namespace) -> int:
     from forwarder import dead
     from forwarder.redis_store import RedisStore
 
-    client = aioredis.Redis.from_url(config.redis.url, socket_timeout=config.redis.socket_timeout_s,
-                                     socket_connect_timeout=config.redis.connect_timeout_s)
+    client = async_client(config.redis.url, socket_timeout=config.redis.socket_timeout_s,
+                          socket_connect_timeout=config.redis.connect_timeout_s)
     store = RedisStore(client, config.redis.key_prefix)
     try:
         if args.dead_command == "show":

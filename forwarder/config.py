@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from forwarder.redis_connect import is_sentinel_url, parse_sentinel_url
+
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIX",
@@ -138,11 +140,17 @@ _BOOL = _Spec(bool, "a boolean (true or false)", lambda value: value)
 
 
 def _check_redis_url(value: str) -> str:
+    if is_sentinel_url(value):
+        try:
+            parse_sentinel_url(value)
+        except ValueError as error:
+            raise _Invalid(f"a redis+sentinel://HOST:PORT[,HOST:PORT]/SERVICE[/DB] URL ({error})") from None
+        return value
     try:
         parts = urlsplit(value)
         port = parts.port
     except ValueError as error:
-        raise _Invalid(f"a redis://, rediss:// or unix:// URL ({error})") from None
+        raise _Invalid(f"a redis://, rediss://, unix:// or redis+sentinel:// URL ({error})") from None
     if parts.scheme in ("redis", "rediss"):
         if not parts.hostname:
             raise _Invalid("a redis:// or rediss:// URL with a host")
@@ -255,7 +263,7 @@ class RedisConfig:
 
     url: str = _setting(
         "redis://127.0.0.1:6379/0",
-        _Spec(str, "a redis://, rediss:// or unix:// URL", _check_redis_url),
+        _Spec(str, "a redis://, rediss://, unix:// or redis+sentinel:// URL", _check_redis_url),
     )
     key_prefix: str = _setting(
         "jirafe", _Spec(str, "a non-empty string without whitespace", _check_key_prefix)

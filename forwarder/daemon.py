@@ -27,6 +27,7 @@ from forwarder.intake import Intake
 from forwarder.lanes import LaneSender, LaneState
 from forwarder.logs import get_logger, redactor
 from forwarder.metrics import Metrics
+from forwarder.redis_connect import async_client
 from forwarder.redis_store import RedisStore
 from forwarder.sdnotify import Notifier
 
@@ -111,7 +112,7 @@ class Daemon:
 
     @staticmethod
     def _redis_client(config: Config) -> aioredis.Redis:
-        return aioredis.Redis.from_url(
+        return async_client(
             config.redis.url,
             socket_timeout=config.redis.socket_timeout_s,
             socket_connect_timeout=config.redis.connect_timeout_s,

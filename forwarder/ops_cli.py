@@ -15,6 +15,7 @@ from forwarder import enqueue as enqueue_module
 from forwarder import status as status_module
 from forwarder.config import Config
 from forwarder.logs import redactor
+from forwarder.redis_connect import sync_client
 from forwarder.redis_store import Keys
 
 COMMANDS = ("status", "enqueue")
@@ -93,7 +94,7 @@ def dispatch(args: argparse.Namespace, load_config: Callable[[argparse.Namespace
 
 
 def _client(config: Config) -> redis.Redis:
-    return redis.Redis.from_url(
+    return sync_client(
         config.redis.url,
         socket_timeout=config.redis.socket_timeout_s,
         socket_connect_timeout=config.redis.connect_timeout_s,
