@@ -570,7 +570,7 @@ MALFORMED = [
                  ["api.base_url: invalid value 'https://event.jirafe.com:99999/v2': expected an http:// or https:// URL (Port out of range 0-65535)"],
                  id="base-url-port"),
     pytest.param('[redis]\nurl = "http://127.0.0.1:6379"\n', {},
-                 ["redis.url: invalid value 'http://127.0.0.1:6379': expected a redis://, rediss:// or unix:// URL"],
+                 ["redis.url: invalid value 'http://127.0.0.1:6379': expected a redis://, rediss://, unix:// or redis+sentinel:// URL"],
                  id="redis-url-scheme"),
     pytest.param('[redis]\nurl = "redis://:6379/0"\n', {},
                  ["redis.url: invalid value 'redis://:6379/0': expected a redis:// or rediss:// URL with a host"],
