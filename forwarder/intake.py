@@ -26,8 +26,8 @@ log = get_logger(__name__)
 
 # Slack on top of max_batch_bytes for the envelope around `data` (site_id, type, id).
 ENVELOPE_SLACK_BYTES = 4096
-# Lua's unpack() in the route script takes one argument per item; Redis's Lua stack
-# holds about 8,000, so one chunk stays well below that.
+# Lua's unpack() in the route script takes one argument per item, and Redis's Lua
+# stack has room for about 8,000, so one chunk stays well below that.
 MAX_CHUNK_EVENTS = 5000
 
 

@@ -1,7 +1,7 @@
 """Sending one lane: a site's batch lane or one of its tracker lanes.
 
-A lane task holds the lane's lease, reads a prefix of the lane from Redis, sends it,
-and acknowledges it; events leave Redis only in that acknowledgement, so a crash at
+A lane task owns the lane's lease, reads a prefix of the lane from Redis, sends it,
+and acknowledges it. Events leave Redis only in that acknowledgement, so a crash at
 any point leaves them in the lane for the next owner. Because every request is a
 prefix of the lane, per-site per-type order holds across retries and bisection.
 """
@@ -40,8 +40,8 @@ class LaneState:
 
     cap_events: int
     failures: int = 0
-    # Monotonic time the current failure streak began; a success anywhere after it is
-    # evidence that the API works and the failing events themselves are at fault.
+    # Monotonic time the current failure streak began. A success anywhere after it shows
+    # that the API works, so the failing events themselves are at fault.
     failing_since: float | None = None
     # How many events at the head of the lane were in a failed request and are not yet
     # acknowledged: while any remain, bisection is isolating a culprit among them and
@@ -346,14 +346,25 @@ class LaneSender:
 
     def _observe(self, outcome: Outcome, count: int, size: int, elapsed_s: float) -> None:
         metrics = self.daemon.metrics
-        label = "throttled" if outcome.throttled else outcome.reason if outcome.action is Action.RETRY else {
-            Action.RESULTS: "ok", Action.ACCEPTED: "ok", Action.REJECTED: "rejected",
-            Action.TOO_LARGE: "too_large", Action.PAUSE: "paused",
-        }.get(outcome.action, "retry")
+        if outcome.throttled:
+            label = "throttled"
+        elif outcome.action is Action.RETRY:
+            label = outcome.reason
+        else:
+            label = _OUTCOME_LABELS[outcome.action]
         metrics.requests.labels(self.site_id, bounded(label, OUTCOMES)).inc()
         metrics.request_seconds.observe(elapsed_s)
         metrics.batch_bytes.observe(size)
         metrics.batch_events.observe(count)
+
+
+_OUTCOME_LABELS = {
+    Action.RESULTS: "ok",
+    Action.ACCEPTED: "ok",
+    Action.REJECTED: "rejected",
+    Action.TOO_LARGE: "too_large",
+    Action.PAUSE: "paused",
+}
 
 
 def _event_id(item: Item) -> str | None:
