@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from forwarder.batch import single_event_size
-from forwarder.envelope import TRACKER_TYPES, EnvelopeError, encode_item, parse_envelope
+from forwarder.envelope import TRACKER_TYPES, TYPE_INDEX, EnvelopeError, encode_item, parse_envelope
 from forwarder.logs import get_logger
 from forwarder.metrics import DEAD_REASONS, bounded
 
@@ -53,11 +53,16 @@ class Intake:
                     await daemon.wait_stopping(config.lease.renew_interval_s)
                     continue
                 log.info("intake leadership acquired", instance=daemon.instance_id)
-            status, items = await daemon.redis_call(
+            status, items, oversized = await daemon.redis_call(
                 store.claim, daemon.instance_id, chunk, config.dead_letter.max_entries,
                 config.dead_letter.max_bytes, config.api.max_batch_bytes + ENVELOPE_SLACK_BYTES,
                 daemon.lease_ttl_ms,
             )
+            if oversized:
+                daemon.metrics.events_dead.labels("invalid", "unknown", "event_too_large").inc(oversized)
+                log.warning("queue entries over the size limit dead-lettered without reading them",
+                            entries=oversized,
+                            max_entry_bytes=config.api.max_batch_bytes + ENVELOPE_SLACK_BYTES)
             if status == -1:
                 log.warning("intake leadership lost", instance=daemon.instance_id)
                 self.leader = False
@@ -87,7 +92,17 @@ class Intake:
         lanes: dict[str, list[Any]] = {}
         dead: list[tuple[int, bytes]] = []
         received: dict[tuple[str, str], int] = {}
+        max_entry_bytes = max_bytes + ENVELOPE_SLACK_BYTES
         for index, raw in enumerate(items):
+            if len(raw) > max_entry_bytes:
+                # Too large to send whatever it holds: not worth parsing (an entry moved
+                # by BLMOVE reaches here without the claim script's size check).
+                dead.append((index, orjson.dumps({
+                    "reason": "event_too_large", "size": len(raw), "site_id": None, "type": None,
+                    "status": None, "attempts": 0,
+                    "detail": f"queue entry of {len(raw)} bytes exceeds {max_entry_bytes} bytes",
+                })))
+                continue
             try:
                 envelope = parse_envelope(raw)
             except EnvelopeError as exc:
@@ -101,6 +116,11 @@ class Intake:
             if size > max_bytes:
                 dead.append((index, _event_meta(envelope, "event_too_large", f"{size} bytes exceed {max_bytes}", size)))
                 continue
+            if envelope.type in TRACKER_TYPES:
+                problem = _tracker_site_problem(raw, envelope)
+                if problem is not None:
+                    dead.append((index, _event_meta(envelope, "site_mismatch", problem, None)))
+                    continue
             if validate:
                 problem = self._validate(envelope.type, raw, envelope.data_offset, envelope.data_length)
                 if problem is not None:
@@ -139,8 +159,13 @@ class Intake:
             metrics.events_received.labels(site, event_type).inc(number)
         for index, meta in dead:
             record = orjson.loads(meta)
+            # Label values come from producer input here, so only well-formed site ids
+            # and known types become labels: the series count stays bounded.
+            site = record.get("site_id")
+            event_type = record.get("type")
             metrics.events_dead.labels(
-                record.get("site_id") or "unknown", record.get("type") or "unknown",
+                site if isinstance(site, str) and site.isdigit() and len(site) <= 32 else "invalid",
+                event_type if event_type in TYPE_INDEX else "unknown",
                 bounded(record["reason"], DEAD_REASONS),
             ).inc()
             log.warning("queue entry dead-lettered", reason=record["reason"], detail=record.get("detail"),
@@ -163,6 +188,24 @@ class Intake:
         return None
 
 
+def _tracker_site_problem(raw: bytes, envelope: Any) -> str | None:
+    """Return why a tracker event's `data.site` disagrees with its `site_id`, or None.
+
+    The tracker API authorises a request by the site in its body, so a mismatch would
+    be sent with one site's token for another site and fail forever.
+    """
+    try:
+        data = orjson.loads(raw[envelope.data_offset : envelope.data_offset + envelope.data_length])
+    except orjson.JSONDecodeError as exc:
+        return f"data is not valid JSON: {exc}"
+    site = data.get("site")
+    if isinstance(site, int) and not isinstance(site, bool):
+        site = str(site)
+    if site != envelope.site_id:
+        return f"data.site {site!r:.40} differs from site_id {envelope.site_id!r}"
+    return None
+
+
 def _envelope_meta(reason: str, detail: str, raw: bytes) -> bytes:
     # Best effort to name the site and type of a broken entry, for filtering.
     site_id = event_type = None
@@ -171,7 +214,8 @@ def _envelope_meta(reason: str, detail: str, raw: bytes) -> bytes:
         if isinstance(parsed, dict):
             site_value = parsed.get("site_id")
             type_value = parsed.get("type")
-            site_id = str(site_value)[:64] if isinstance(site_value, str | int) else None
+            valid_site = isinstance(site_value, str | int) and not isinstance(site_value, bool)
+            site_id = str(site_value)[:64] if valid_site else None
             event_type = type_value[:64] if isinstance(type_value, str) else None
     except (orjson.JSONDecodeError, RecursionError):
         pass

@@ -47,6 +47,8 @@ class LaneState:
     # acknowledged: while any remain, bisection is isolating a culprit among them and
     # the successes of their neighbours do not end the failure streak.
     suspects: int = 0
+    # Consecutive throttled answers (429 or Retry-After); they never count as attempts.
+    throttles: int = 0
     state: str = "ok"
     last_error: str | None = None
     last_success_ms: int | None = None
@@ -96,9 +98,13 @@ class LaneSender:
                 await self._pause(peek, "no token configured for this site", None)
                 return
 
-            if len(items) == 1 and peek.body_bytes > daemon.byte_ceiling:
+            # Only the configured limit condemns an event unsent. A ceiling learned from a
+            # 413 limits batches; a single event above it is still sent, and only the
+            # API's own 413 for it dead-letters it.
+            if len(items) == 1 and peek.body_bytes > daemon.config.api.max_batch_bytes:
                 meta = self._dead_meta(items[0], "event_too_large", None, None, peek, size=peek.body_bytes)
-                await self._ack(peek.now_ms, items, 1, [(0, meta)], keep_lease=True)
+                if not await self._ack(peek.now_ms, items, 1, [(0, meta)], keep_lease=True):
+                    return
                 continue
 
             batch: BatchBody | None = None
@@ -156,8 +162,8 @@ class LaneSender:
 
         if action is Action.REJECTED or (action is Action.TOO_LARGE and outcome.status == 413):
             if action is Action.TOO_LARGE and count > 1:
-                # The server's limit is lower than ours: remember it for every lane.
-                daemon.byte_ceiling = max(MIN_BYTE_CEILING, min(daemon.byte_ceiling, size // 2))
+                # The server's limit is below this body: later batches stay under it.
+                daemon.byte_ceiling = max(MIN_BYTE_CEILING, min(daemon.byte_ceiling, size - 1))
                 log.warning("API rejected a body as too large, lowering the batch size limit",
                             lane=self.lane, body_bytes=size, new_limit_bytes=daemon.byte_ceiling)
             if count > 1:
@@ -176,8 +182,12 @@ class LaneSender:
 
         # RETRY, and TOO_LARGE from a reset upload: transient, back off.
         if outcome.throttled:
-            fallback = backoff_delay_s(state.failures + 1, config.retry.base_s, config.retry.cap_s)
+            # Consecutive throttles grow the fallback delay like failures do, without
+            # counting as attempts; a Retry-After of 0 or in the past still waits base_s.
+            state.throttles += 1
+            fallback = backoff_delay_s(state.throttles, config.retry.base_s, config.retry.cap_s)
             delay = throttle_delay_s(outcome.retry_after_s, config.retry.max_retry_after_s, fallback)
+            delay = max(delay, config.retry.base_s)
             daemon.metrics.retries.labels(self.site_id, "throttled").inc()
             log.info("throttled, retrying later", lane=self.lane, status=outcome.status,
                      delay_s=round(delay, 3), retry_after_s=outcome.retry_after_s)
@@ -216,7 +226,8 @@ class LaneSender:
             reason = "max_outage_exceeded" if outage_expired and not others_succeed else "retries_exhausted"
             meta = self._dead_meta(items[0], reason, outcome.status, payload, peek, attempts=attempts,
                                    detail=state.last_error)
-            return await self._ack(peek.now_ms, items, 1, [(0, meta)], keep_lease=True)
+            return await self._ack(peek.now_ms, items, 1, [(0, meta)], keep_lease=True,
+                                   keep_failure_start=reason == "max_outage_exceeded")
         delay = backoff_delay_s(attempts, config.retry.base_s, config.retry.cap_s)
         state.state = "retrying"
         daemon.metrics.retries.labels(self.site_id, "backoff").inc()
@@ -232,6 +243,7 @@ class LaneSender:
         if state.state != "ok":
             log.info("site lane recovered", lane=self.lane, previous_state=state.state, failures=state.failures)
         state.state = "ok"
+        state.throttles = 0
         self._settled(count)
         state.last_success_ms = now_ms
         daemon.metrics.set_site_state(self.site_id, self.kind, "ok")
@@ -243,6 +255,8 @@ class LaneSender:
         if state.suspects == 0:
             state.failures = 0
             state.failing_since = None
+            if state.state == "retrying":
+                state.state = "ok"
 
     async def _pause(self, peek: Any, reason: str, status: int | None) -> None:
         daemon = self.daemon
@@ -271,7 +285,8 @@ class LaneSender:
         )
 
     async def _ack(
-        self, now_ms: int, items: list[Item], pop_count: int, dead: list[tuple[int, bytes]], keep_lease: bool
+        self, now_ms: int, items: list[Item], pop_count: int, dead: list[tuple[int, bytes]], keep_lease: bool,
+        keep_failure_start: bool = False,
     ) -> bool:
         daemon = self.daemon
         config = daemon.config
@@ -284,7 +299,7 @@ class LaneSender:
             # request's worth and the lease is kept for it.
             now_ms + config.batch.linger_ms, 1 if self.tracker else config.batch.max_events, daemon.byte_ceiling,
             config.dead_letter.max_entries, config.dead_letter.max_bytes, daemon.lease_ttl_ms,
-            keep_lease and not daemon.stopping.is_set(), self.state.state_json(), dead,
+            keep_lease and not daemon.stopping.is_set(), self.state.state_json(), dead, keep_failure_start,
         )
         if status == -2:
             daemon.set_dead_full(True)

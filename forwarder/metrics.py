@@ -14,7 +14,7 @@ DEAD_REASONS = frozenset(
         "invalid_json", "invalid_utf8", "not_an_object", "missing_field", "invalid_site_id",
         "invalid_type", "invalid_data", "invalid_envelope", "unknown_type", "event_too_large",
         "validation", "bad_json", "retries_exhausted", "max_outage_exceeded", "rejected",
-        "schema_validation",
+        "schema_validation", "site_mismatch", "unknown",
     }
 )
 OUTCOMES = frozenset(

@@ -23,7 +23,7 @@ class Action(enum.Enum):
     REJECTED = "rejected"
     # 413 or a reset during upload: bisect and remember a smaller size ceiling.
     TOO_LARGE = "too_large"
-    # 403: pause the site and keep its events; probe again with long backoff.
+    # 401, 403, 404, 405: pause the lane and keep its events; probe again with long backoff.
     PAUSE = "pause"
     # 429, 5xx, timeouts, connection and DNS errors: back off and retry.
     RETRY = "retry"
@@ -62,14 +62,16 @@ def classify_response(
         return Outcome(Action.RESULTS if batch else Action.ACCEPTED, "ok", status)
     if status == 413:
         return Outcome(Action.TOO_LARGE, error_type or "too_large", status)
-    if status in (401, 403):
+    if status in (401, 403, 404, 405):
+        # Wrong credentials, or a wrong api.base_url or method: the events are fine, so
+        # keep them and wait for the operator rather than dead-letter the backlog.
         return Outcome(Action.PAUSE, reason, status)
     if status == 429 or status == 408 or status >= 500:
         return Outcome(Action.RETRY, reason, status, retry_after_s)
     if 400 <= status < 500:
-        # 400 bad_json / invalid_type / validation, and every other 4xx (404 for an
-        # unknown path, 405, 422): the request itself is wrong, so resending it as is
-        # cannot help. Bisecting finds the events at fault.
+        # 400 bad_json / invalid_type / validation, and the other 4xx such as 422: the
+        # request itself is wrong, so resending it as is cannot help. Bisecting finds
+        # the events at fault.
         return Outcome(Action.REJECTED, reason, status)
     # 1xx and 3xx are not expected from this API: redirects are not followed, so treat
     # them as a server fault and retry.

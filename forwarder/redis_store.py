@@ -71,8 +71,9 @@ end
 """
 
 # ARGV: prefix, instance, max_count, dl_max_entries, dl_max_bytes, max_entry_bytes, ttl_ms
-# Returns {status, items}: 1 with the chunk to route (left-over claimed entries first),
-# -1 when not the leader, -2 when the dead-letter store is full and nothing is claimed.
+# Returns {status, items, oversized}: 1 with the chunk to route (left-over claimed entries
+# first), -1 when not the leader, -2 when the dead-letter store is full and nothing is
+# claimed; oversized counts entries dead-lettered here for exceeding max_entry_bytes.
 _CLAIM = _COMMON + r"""
 local inst = ARGV[2]
 local max_count = tonumber(ARGV[3])
@@ -80,34 +81,62 @@ local leader = p .. ':intake:leader'
 if redis.call('GET', leader) ~= inst then return {-1, {}} end
 redis.call('PEXPIRE', leader, tonumber(ARGV[7]))
 local claimed = p .. ':intake:claimed'
-local items = redis.call('LRANGE', claimed, 0, max_count - 1)
+local max_entry = tonumber(ARGV[6])
+local oversized = 0
+local now = nil
+local function dead_oversized(v)
+  -- An entry this large can never be sent; keep it out of the daemon's memory. The
+  -- site and type are read with a pattern, best effort, so operators can filter.
+  now = now or now_ms()
+  local site = string.match(string.sub(v, 1, 4096), '"site_id"%s*:%s*"?(%d+)')
+  local event_type = string.match(string.sub(v, 1, 4096), '"type"%s*:%s*"([%w%.]+)"')
+  dead_letter(v, cjson.encode({reason = 'event_too_large', size = #v, site_id = site or cjson.null,
+    type = event_type or cjson.null, status = cjson.null, attempts = 0,
+    detail = 'queue entry of ' .. #v .. ' bytes exceeds ' .. max_entry .. ' bytes'}), now)
+  oversized = oversized + 1
+end
+local items = {}
+local leftover = redis.call('LRANGE', claimed, 0, -1)
+if #leftover > 0 then
+  -- Left by a crashed leader or moved here by BLMOVE: check sizes like fresh entries.
+  local kept = {}
+  for i = 1, #leftover do
+    if #leftover[i] > max_entry then dead_oversized(leftover[i]) else kept[#kept + 1] = leftover[i] end
+  end
+  if oversized > 0 then
+    redis.call('DEL', claimed)
+    for i = 1, #kept do redis.call('RPUSH', claimed, kept[i]) end
+  end
+  -- All of them, even past max_count: route requires the whole claimed list.
+  items = kept
+end
 local want = max_count - #items
-if want <= 0 then return {1, items} end
+if want <= 0 then return {1, items, oversized} end
 -- Each entry can become at most one dead letter, so claiming no more entries than the
 -- store has room for keeps it within max_entries without ever evicting.
 local room = tonumber(ARGV[4]) - redis.call('ZCARD', p .. ':dead:index')
 if room <= 0 or dead_full(0, tonumber(ARGV[4]), tonumber(ARGV[5])) then
-  if #items == 0 then return {-2, {}} end
-  return {1, items}
+  if #items == 0 then return {-2, {}, oversized} end
+  return {1, items, oversized}
 end
 want = math.min(want, room)
 local popped = redis.call('RPOP', p .. ':events', want)
-if not popped then return {1, items} end
-local max_entry = tonumber(ARGV[6])
-local now = nil
+if not popped then return {1, items, oversized} end
+local fresh = {}
 for i = 1, #popped do
   local v = popped[i]
   if #v > max_entry then
-    -- An entry this large can never be sent; keep it out of the daemon's memory.
-    now = now or now_ms()
-    dead_letter(v, cjson.encode({reason = 'event_too_large', size = #v,
-      detail = 'queue entry of ' .. #v .. ' bytes exceeds ' .. max_entry .. ' bytes'}), now)
+    dead_oversized(v)
   else
-    redis.call('RPUSH', claimed, v)
+    fresh[#fresh + 1] = v
     items[#items + 1] = v
   end
 end
-return {1, items}
+-- One RPUSH per slice instead of one per entry; unpack() is bounded by Lua's stack.
+for start = 1, #fresh, 1000 do
+  redis.call('RPUSH', claimed, unpack(fresh, start, math.min(start + 999, #fresh)))
+end
+return {1, items, oversized}
 """
 
 # ARGV: prefix, instance, chunk_id, claimed_count, linger_ms, count_trigger, size_trigger,
@@ -144,7 +173,10 @@ for _ = 1, tonumber(ARGV[10]) do
   pos = pos + count
   local total = redis.call('HINCRBY', p .. ':lanes:bytes', lane, bytes)
   redis.call('ZADD', due, 'NX', now + linger, lane)
-  if length >= count_trigger or total >= size_trigger then
+  -- A full lane is sent at once, unless it is backing off (it has an attempts
+  -- record): new events must not cut a retry delay or a pause short.
+  if (length >= count_trigger or total >= size_trigger)
+      and redis.call('HEXISTS', p .. ':lanes:attempts', lane) == 0 then
     redis.call('ZADD', due, 'LT', now, lane)
   end
 end
@@ -254,7 +286,8 @@ return {1, now_ms(), size, attempts, items}
 
 # ARGV: prefix, instance, lane, ack_id, pop_count, popped_bytes, linger_deadline_ms,
 #       count_trigger, size_trigger, dl_max_entries, dl_max_bytes, ttl_ms, keep_lease,
-#       state_json, dead_count, then per dead letter: index in the lane, meta JSON.
+#       state_json, keep_failure_start (0/1), dead_count, then per dead letter: index in
+#       the lane, meta JSON.
 # Returns {status, now_ms}: 0 lane empty and released, 1 lease kept for the next batch,
 # 3 released with the rest due at the linger deadline, -1 lease lost (nothing done),
 # -2 dead-letter store full (nothing done). A repeated ack_id returns the first status.
@@ -271,13 +304,13 @@ if previous and string.sub(previous, 1, #ack_id + 1) == ack_id .. '|' then
 end
 local lease = p .. ':lease:' .. lane
 if redis.call('GET', lease) ~= inst then return {-1, 0} end
-local dead_count = tonumber(ARGV[15])
+local dead_count = tonumber(ARGV[16])
 if dead_count > 0 and dead_full(dead_count, tonumber(ARGV[10]), tonumber(ARGV[11])) then
   return {-2, 0}
 end
 local key = p .. ':lane:' .. lane
 local now = now_ms()
-local pos = 16
+local pos = 17
 for _ = 1, dead_count do
   local item = redis.call('LINDEX', key, tonumber(ARGV[pos]))
   dead_letter(string.sub(item, """ + str(ITEM_HEADER_SIZE + 1) + r"""), ARGV[pos + 1], now)
@@ -286,7 +319,16 @@ end
 local pop_count = tonumber(ARGV[5])
 if pop_count > 0 then
   redis.call('LTRIM', key, pop_count, -1)
-  redis.call('HDEL', p .. ':lanes:attempts', lane)
+  local attempts_key = p .. ':lanes:attempts'
+  local record = ARGV[15] == '1' and redis.call('HGET', attempts_key, lane)
+  if record then
+    -- The outage goes on: the next head inherits its start, so it does not wait
+    -- another full max_outage before it too is dead-lettered.
+    local first = string.match(record, '^%d+,(%d+),')
+    redis.call('HSET', attempts_key, lane, '0,' .. first .. ',' .. now)
+  else
+    redis.call('HDEL', attempts_key, lane)
+  end
 end
 if ARGV[14] ~= '' then redis.call('HSET', p .. ':lanes:state', lane, ARGV[14]) end
 local bytes_key = p .. ':lanes:bytes'
@@ -539,11 +581,11 @@ class RedisStore:
     async def claim(
         self, instance: str, max_count: int, dl_max_entries: int, dl_max_bytes: int,
         max_entry_bytes: int, ttl_ms: int,
-    ) -> tuple[int, list[bytes]]:
-        status, items = await self._claim(
+    ) -> tuple[int, list[bytes], int]:
+        status, items, oversized = await self._claim(
             args=[self._prefix, instance, max_count, dl_max_entries, dl_max_bytes, max_entry_bytes, ttl_ms]
         )
-        return int(status), items
+        return int(status), items, int(oversized)
 
     async def route(
         self, instance: str, chunk_id: str, claimed_count: int, linger_ms: int,
@@ -590,12 +632,12 @@ class RedisStore:
         self, instance: str, lane: str, ack_id: str, pop_count: int, popped_bytes: int,
         linger_deadline_ms: int, count_trigger: int, size_trigger: int,
         dl_max_entries: int, dl_max_bytes: int, ttl_ms: int, keep_lease: bool,
-        state_json: bytes, dead: list[tuple[int, bytes]],
+        state_json: bytes, dead: list[tuple[int, bytes]], keep_failure_start: bool = False,
     ) -> tuple[int, int]:
         args: list[Any] = [
             self._prefix, instance, lane, ack_id, pop_count, popped_bytes, linger_deadline_ms,
             count_trigger, size_trigger, dl_max_entries, dl_max_bytes, ttl_ms,
-            1 if keep_lease else 0, state_json, len(dead),
+            1 if keep_lease else 0, state_json, 1 if keep_failure_start else 0, len(dead),
         ]
         for index, meta in dead:
             args.append(index)

@@ -6,6 +6,7 @@ and per-site order.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 
 import orjson
@@ -107,7 +108,9 @@ POLICY_TABLE = [
     ({"status": 400, "count": 1}, "dead", "validation"),
     ({"status": 400, "error_type": "bad_json", "count": 1}, "dead", "bad_json"),
     ({"status": 400, "error_type": "invalid_type", "count": 1}, "dead", "invalid_type"),
-    ({"status": 404, "count": 1}, "dead", "unknown"),
+    ({"status": 404, "count": 1}, "kept", None),
+    ({"status": 405, "count": 1}, "kept", None),
+    ({"status": 422, "count": 1}, "dead", "unknown"),
     ({"status": 413, "count": 1}, "dead", "event_too_large"),
     ({"status": 429, "count": 2}, "delivered", None),
     ({"status": 500, "count": 2}, "delivered", None),
@@ -365,3 +368,76 @@ async def test_attempt_counts_survive_restart(redis_server: RedisServer, redis_c
 async def _attempts(client: aioredis.Redis) -> int | None:
     record = await client.hget("jirafe:lanes:attempts", "1001:pageview")
     return None if record is None else int(record.split(b",")[0])
+
+
+async def test_backing_off_lane_not_rushed_by_new_events(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
+        outage = sandbox.faults.add("error", status=503)
+        env = daemon_env(redis_server.url, sandbox.base_url, batch_max_events=5,
+                         **{**FAST, "retry_base_s": 0.5, "retry_cap_s": 2})
+        daemon = await DaemonProcess(env).start()
+        pushed = []
+        # Each push fills the lane past max_events while it waits out its backoff.
+        for round_number in range(40):
+            batch = [envelope("1001", "cart", round_number * 5 + n) for n in range(5)]
+            pushed.extend(batch)
+            await push(redis_client, batch)
+            await wait_redis(lambda: redis_client.llen("jirafe:events"), 0)
+        failed_requests = sandbox.state.total_requests
+        # About 3 s of backoff between 0.5 s and 2 s allows a handful of retries, not 40.
+        assert failed_requests < 15
+        sandbox.faults.remove(outage.id)
+        await sandbox.wait_for(lambda state: state.total_accepted >= 200, timeout=60)
+        assert await daemon.stop() == 0
+        assert received_order(sandbox) == expected_order(pushed)
+
+
+async def test_retry_after_zero_still_waits(redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
+        sandbox.faults.add("error", status=503, retry_after_s=0, count=5)
+        env = daemon_env(redis_server.url, sandbox.base_url, **{**FAST, "retry_base_s": 0.2})
+        await push(redis_client, [envelope("1001", "cart", 1)])
+        daemon = await DaemonProcess(env).start()
+        await sandbox.wait_for(lambda state: state.total_accepted == 1, timeout=30)
+        assert await daemon.stop() == 0
+        times = [record.time for record in sandbox.state.requests]
+        assert len(times) == 6
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+        assert min(gaps) >= 0.2
+
+
+async def test_429_without_retry_after_backs_off(redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    async with Sandbox(tokens={"token-default": {"1001"}}) as sandbox:
+        sandbox.faults.add("error", status=429, count=6)
+        env = daemon_env(redis_server.url, sandbox.base_url, **{**FAST, "retry_base_s": 0.05, "retry_cap_s": 10})
+        await push(redis_client, [envelope("1001", "cart", 1)])
+        daemon = await DaemonProcess(env).start()
+        await sandbox.wait_for(lambda state: state.total_accepted == 1, timeout=60)
+        assert await daemon.stop() == 0
+        delays = [record["delay_s"] for record in daemon.logs("throttled, retrying later")]
+        assert len(delays) == 6
+        # Full jitter draws from a range that doubles: the later waits reach past the first ceiling.
+        assert max(delays[3:]) > 0.1
+        assert await redis_client.hget("jirafe:lanes:attempts", "1001:batch") is None
+
+
+async def test_learned_ceiling_spares_single_events(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    # Each event fits the API's 2,000-byte limit alone; two together do not.
+    entries = [envelope("3103", "product.cost", n, note="x" * 1100) for n in range(2)]
+    others = [envelope("3104", "product.cost", n, note="y" * 1400) for n in range(3)]
+    async with Sandbox(tokens={"token-default": {"3103", "3104"}}) as sandbox:
+        sandbox.faults.add("max_body", max_body_bytes=2000, site="3103")
+        env = daemon_env(redis_server.url, sandbox.base_url, **{**FAST, "batch_linger_ms": 300})
+        await push(redis_client, entries)
+        daemon = await DaemonProcess(env).start()
+        await sandbox.wait_for(lambda state: state.accepted_count("3103") >= 2, timeout=30)
+        await push(redis_client, others)
+        await sandbox.wait_for(lambda state: state.accepted_count("3104") >= 3, timeout=30)
+        await wait_drained(redis_client)
+        assert await daemon.stop() == 0
+        assert [event.data["seq"] for event in sandbox.state.events("3103")] == [0, 1]
+    assert await dead_export(env) == []

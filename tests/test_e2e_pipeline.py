@@ -33,6 +33,8 @@ MALFORMED = [
     (b'{"site_id":"1002","data":{}}', "missing_field"),
     (b'{"site_id":"x1","type":"cart","data":{}}', "invalid_site_id"),
     (b'{"site_id":"1003","type":"cart","data":[]}', "invalid_data"),
+    (b'{"site_id":"1005","type":"pageview","data":{"site":"1001","pageview":{"page_type":"other"}}}',
+     "site_mismatch"),
     (b'{"site_id":"1004","type":"cart","data":{"name":"\xc3\x28"}}', "invalid_utf8"),
 ]
 
