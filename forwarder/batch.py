@@ -74,6 +74,14 @@ def build_batch(items: Sequence[Item]) -> BatchBody:
     )
 
 
+def build_body(groups: list[tuple[int, list[bytes]]]) -> bytes:
+    """Assemble a batch body from `data` grouped by type index, as the peek script returns it.
+
+    This is the hot path: one join per type, no Python work per event.
+    """
+    return b"{" + b",".join([_TYPE_PREFIX[index] + b",".join(datas) + b"]" for index, datas in groups]) + b"}"
+
+
 @dataclass(slots=True, frozen=True)
 class EventResult:
     ok: bool
@@ -120,3 +128,40 @@ def _element_result(element: Any) -> EventResult:
             orjson.dumps(element, option=orjson.OPT_SORT_KEYS),
         )
     return EventResult(False, "unreadable_result", orjson.dumps(element))
+
+
+_SUCCESS = {"success": True}
+
+
+def read_failures(
+    body: bytes, groups: list[tuple[int, list[bytes]]], type_sequence: bytes
+) -> list[tuple[int, EventResult]] | None:
+    """Return the failed events of a 200 batch response as (lane position, result).
+
+    An empty list means every event succeeded; None means the body cannot be read as
+    per-event results (not JSON, keys or lengths differ from the request), which the
+    policy treats as "accepted, count it".
+    """
+    try:
+        parsed: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    failed_types: list[tuple[int, list[Any]]] = []
+    for type_index, datas in groups:
+        elements = parsed.get(EVENT_TYPES[type_index])
+        if not isinstance(elements, list) or len(elements) != len(datas):
+            return None
+        # Fast path: list.count compares in C, so an all-success array costs no Python loop.
+        if elements.count(_SUCCESS) != len(elements):
+            failed_types.append((type_index, elements))
+    failures: list[tuple[int, EventResult]] = []
+    for type_index, elements in failed_types:
+        positions = [position for position, value in enumerate(type_sequence) if value == type_index]
+        for position, element in zip(positions, elements, strict=True):
+            result = _element_result(element)
+            if not result.ok:
+                failures.append((position, result))
+    failures.sort(key=lambda failure: failure[0])
+    return failures

@@ -9,13 +9,14 @@ routes a left-over chunk first, so a crash between the two loses and reorders no
 from __future__ import annotations
 
 import itertools
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from forwarder.batch import single_event_size
-from forwarder.envelope import TRACKER_TYPES, TYPE_INDEX, EnvelopeError, encode_item, parse_envelope
+from forwarder.envelope import TRACKER_TYPES, TYPE_INDEX, EnvelopeError, parse_envelope
 from forwarder.logs import get_logger
 from forwarder.metrics import DEAD_REASONS, bounded
 
@@ -26,9 +27,11 @@ log = get_logger(__name__)
 
 # Slack on top of max_batch_bytes for the envelope around `data` (site_id, type, id).
 ENVELOPE_SLACK_BYTES = 4096
-# Lua's unpack() in the route script takes one argument per item, and Redis's Lua
-# stack has room for about 8,000, so one chunk stays well below that.
+# The route script addresses claimed entries with 2-byte indexes, and keeps a chunk's
+# items in memory while it pushes them.
 MAX_CHUNK_EVENTS = 5000
+# Per routed event: its index in the claimed list, then the lane item header.
+ROUTE_ENTRY = struct.Struct(">HBII")
 
 
 class Intake:
@@ -129,9 +132,12 @@ class Intake:
             lane = envelope.lane
             entry = lanes.get(lane)
             if entry is None:
-                entry = lanes[lane] = [[], 0]
-            entry[0].append(encode_item(raw, envelope))
+                entry = lanes[lane] = [0, 0, bytearray()]
+            entry[0] += 1
             entry[1] += envelope.data_length + 1
+            # The route script rebuilds the item from this header and the claimed entry,
+            # so the entry's bytes are not sent back to Redis.
+            entry[2] += ROUTE_ENTRY.pack(index, envelope.type_index, envelope.data_offset, envelope.data_length)
             key = (envelope.site_id, envelope.type)
             received[key] = received.get(key, 0) + 1
 

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from forwarder.backoff import backoff_delay_s, throttle_delay_s
-from forwarder.batch import BatchBody, build_batch, read_batch_results
-from forwarder.envelope import LANE_BATCH, Item, decode_item, split_lane
+from forwarder.batch import build_body, read_failures
+from forwarder.envelope import EVENT_TYPES, LANE_BATCH, Item, decode_item, split_lane
 from forwarder.logs import get_logger
 from forwarder.metrics import DEAD_REASONS, OUTCOMES, bounded
 from forwarder.outcome import Action, Outcome
+from forwarder.redis_store import Peek
 
 if TYPE_CHECKING:
     from forwarder.daemon import Daemon
@@ -88,10 +89,9 @@ class LaneSender:
             if peek.status < 0:
                 log.info("lane lease lost", lane=self.lane)
                 return
-            if not peek.items:
-                await self._ack(peek.now_ms, [], 0, [], keep_lease=False)
+            if peek.count == 0:
+                await self._ack(peek, 0, [], keep_lease=False)
                 return
-            items = [decode_item(raw) for raw in peek.items]
             # Read at each batch, so that a reload's new token applies to the next request.
             token = daemon.config.token_for(self.site_id)
             if token is None:
@@ -101,62 +101,64 @@ class LaneSender:
             # Only the configured limit condemns an event unsent. A ceiling learned from a
             # 413 limits batches; a single event above it is still sent, and only the
             # API's own 413 for it dead-letters it.
-            if len(items) == 1 and peek.body_bytes > daemon.config.api.max_batch_bytes:
-                meta = self._dead_meta(items[0], "event_too_large", None, None, peek, size=peek.body_bytes)
-                if not await self._ack(peek.now_ms, items, 1, [(0, meta)], keep_lease=True):
+            if peek.count == 1 and peek.body_bytes > daemon.config.api.max_batch_bytes:
+                item = (await self._items(peek))[0]
+                meta = self._dead_meta(item, "event_too_large", None, None, peek, size=peek.body_bytes)
+                if not await self._ack(peek, 1, [(0, meta)], keep_lease=True):
                     return
                 continue
 
-            batch: BatchBody | None = None
             if self.tracker:
-                body = bytes(items[0].data)
+                body = peek.groups[0][1][0]
                 url = daemon.api.tracker_url(self.kind)
             else:
-                batch = build_batch(items)
-                body = batch.body
+                body = build_body(peek.groups)
                 url = daemon.api.batch_url(self.site_id)
 
             async with daemon.request_slots:
                 response = await daemon.api.post(url, token, body, batch=not self.tracker)
             outcome = response.outcome
-            self._observe(outcome, len(items), len(body), response.elapsed_s)
+            self._observe(outcome, peek.count, len(body), response.elapsed_s)
             sent_batches += 1
 
-            more = await self._handle(outcome, response.body, peek, items, batch, len(body))
+            more = await self._handle(outcome, response.body, peek, len(body))
             if not more or daemon.stopping.is_set() or (self.flush_only and sent_batches >= 1):
                 if more:
                     # The lease is still ours after a kept ack: hand the rest back now.
                     await daemon.redis_call(store.release_instance_lane, daemon.instance_id, self.lane)
                 return
 
-    async def _handle(
-        self, outcome: Outcome, payload: bytes, peek: Any, items: list[Item], batch: BatchBody | None, size: int
-    ) -> bool:
+    async def _items(self, peek: Peek) -> list[Item]:
+        """Read the prefix's full items (type, raw envelope), needed only to dead-letter some."""
+        raws = await self.daemon.redis_call(self.daemon.store.lane_items, self.lane, peek.count)
+        return [decode_item(raw) for raw in raws]
+
+    async def _handle(self, outcome: Outcome, payload: bytes, peek: Peek, size: int) -> bool:
         """Act on one outcome; return True when the lane task keeps the lease for another batch."""
         daemon = self.daemon
         config = daemon.config
         state = self.state
-        count = len(items)
+        count = peek.count
         action = outcome.action
 
         if action in (Action.RESULTS, Action.ACCEPTED):
             dead: list[tuple[int, bytes]] = []
-            if action is Action.RESULTS and batch is not None:
-                results = read_batch_results(payload, batch, count)
-                if results is None:
+            if action is Action.RESULTS and not self.tracker:
+                failures = read_failures(payload, peek.groups, peek.type_sequence)
+                if failures is None:
                     daemon.metrics.unreadable_results.inc()
                     log.warning("batch response without per-event results, all events acknowledged",
                                 lane=self.lane, events=count, status=outcome.status)
-                else:
-                    for position, result in enumerate(results):
-                        if not result.ok:
-                            reason = result.error_type or "rejected"
-                            dead.append((position, self._dead_meta(
-                                items[position], reason, outcome.status, result.error_body, peek)))
+                elif failures:
+                    items = await self._items(peek)
+                    for position, result in failures:
+                        reason = result.error_type or "rejected"
+                        dead.append((position, self._dead_meta(
+                            items[position], reason, outcome.status, result.error_body, peek)))
             self._succeeded(peek.now_ms, count)
             state.cap_events = min(config.batch.max_events, state.cap_events * 2)
-            self._count_delivered(items, {position for position, _ in dead})
-            return await self._ack(peek.now_ms, items, count, dead, keep_lease=False)
+            self._count_delivered(peek, {position for position, _ in dead})
+            return await self._ack(peek, count, dead, keep_lease=False)
 
         state.last_error = f"{outcome.reason} (HTTP {outcome.status})" if outcome.status else outcome.reason
 
@@ -173,8 +175,9 @@ class LaneSender:
                          reason=outcome.reason, status=outcome.status)
                 return True
             reason = "event_too_large" if action is Action.TOO_LARGE else outcome.reason
-            meta = self._dead_meta(items[0], reason, outcome.status, payload, peek, size=size)
-            return await self._ack(peek.now_ms, items, 1, [(0, meta)], keep_lease=True)
+            item = (await self._items(peek))[0]
+            meta = self._dead_meta(item, reason, outcome.status, payload, peek, size=size)
+            return await self._ack(peek, 1, [(0, meta)], keep_lease=True)
 
         if action is Action.PAUSE:
             await self._pause(peek, outcome.reason, outcome.status)
@@ -224,9 +227,10 @@ class LaneSender:
         outage_expired = peek.now_ms - first_ms >= config.retry.max_outage_s * 1000
         if (attempts >= config.retry.max_attempts and others_succeed) or outage_expired:
             reason = "max_outage_exceeded" if outage_expired and not others_succeed else "retries_exhausted"
-            meta = self._dead_meta(items[0], reason, outcome.status, payload, peek, attempts=attempts,
+            item = (await self._items(peek))[0]
+            meta = self._dead_meta(item, reason, outcome.status, payload, peek, attempts=attempts,
                                    detail=state.last_error)
-            return await self._ack(peek.now_ms, items, 1, [(0, meta)], keep_lease=True,
+            return await self._ack(peek, 1, [(0, meta)], keep_lease=True,
                                    keep_failure_start=reason == "max_outage_exceeded")
         delay = backoff_delay_s(attempts, config.retry.base_s, config.retry.cap_s)
         state.state = "retrying"
@@ -285,13 +289,15 @@ class LaneSender:
         )
 
     async def _ack(
-        self, now_ms: int, items: list[Item], pop_count: int, dead: list[tuple[int, bytes]], keep_lease: bool,
+        self, peek: Peek, pop_count: int, dead: list[tuple[int, bytes]], keep_lease: bool,
         keep_failure_start: bool = False,
     ) -> bool:
+        """Pop `pop_count` events (all of the prefix, or 0) and write the dead letters."""
         daemon = self.daemon
         config = daemon.config
+        now_ms = peek.now_ms
         # The same measure the route script added per item: data bytes plus a comma.
-        popped_bytes = sum(len(items[i].data) + 1 for i in range(pop_count))
+        popped_bytes = peek.data_bytes + peek.count if pop_count else 0
         ack_id = f"{daemon.instance_id}:{next(_ack_ids)}"
         status, _ = await daemon.redis_call(
             daemon.store.ack, daemon.instance_id, self.lane, ack_id, pop_count, popped_bytes,
@@ -312,8 +318,8 @@ class LaneSender:
         if status == -1:
             log.warning("lane lease lost before acknowledgement; the new owner resends", lane=self.lane)
             return False
-        for position, meta in dead:
-            self._log_dead(items[position], meta)
+        for _, meta in dead:
+            self._log_dead(meta)
         if dead and pop_count == 1:
             self._settled(1)
         return status == 1
@@ -342,22 +348,28 @@ class LaneSender:
             }
         )
 
-    def _log_dead(self, item: Item, meta: bytes) -> None:
+    def _log_dead(self, meta: bytes) -> None:
         record = orjson.loads(meta)
         reason = record["reason"]
-        self.daemon.metrics.events_dead.labels(self.site_id, item.type, bounded(reason, DEAD_REASONS)).inc()
-        log.warning("event dead-lettered", lane=self.lane, site=self.site_id, type=item.type,
+        event_type = record["type"]
+        self.daemon.metrics.events_dead.labels(self.site_id, event_type, bounded(reason, DEAD_REASONS)).inc()
+        log.warning("event dead-lettered", lane=self.lane, site=self.site_id, type=event_type,
                     event_id=record.get("id"), reason=reason, status=record.get("status"),
                     attempts=record.get("attempts"))
 
-    def _count_delivered(self, items: list[Item], failed: set[int]) -> None:
-        counts: dict[str, int] = {}
-        for position, item in enumerate(items):
-            if position not in failed:
-                counts[item.type] = counts.get(item.type, 0) + 1
-        for event_type, number in counts.items():
-            self.daemon.metrics.events_delivered.labels(self.site_id, event_type).inc(number)
-        self.daemon.delivered_total += sum(counts.values())
+    def _count_delivered(self, peek: Peek, failed: set[int]) -> None:
+        # Per type from the groups; only failed positions need a look at the sequence.
+        failed_by_type: dict[int, int] = {}
+        for position in failed:
+            type_index = peek.type_sequence[position]
+            failed_by_type[type_index] = failed_by_type.get(type_index, 0) + 1
+        delivered = 0
+        for type_index, datas in peek.groups:
+            number = len(datas) - failed_by_type.get(type_index, 0)
+            if number:
+                self.daemon.metrics.events_delivered.labels(self.site_id, EVENT_TYPES[type_index]).inc(number)
+                delivered += number
+        self.daemon.delivered_total += delivered
 
     def _observe(self, outcome: Outcome, count: int, size: int, elapsed_s: float) -> None:
         metrics = self.daemon.metrics

@@ -141,7 +141,8 @@ return {1, items, oversized}
 
 # ARGV: prefix, instance, chunk_id, claimed_count, linger_ms, count_trigger, size_trigger,
 #       dl_max_entries, dl_max_bytes, lane_count, then per lane: name, item count, bytes,
-#       items...; then dead count, then per dead letter: index in the claimed list, meta JSON.
+#       packed (per event: index in the claimed list as 2 bytes, then the 9-byte item
+#       header); then dead count, then per dead letter: index in the claimed list, meta JSON.
 # Returns 1 when routed, 0 when this chunk was routed already, -1 when not the leader,
 # -2 when the dead letters do not fit in the store (nothing done), -3 when the claimed
 # list does not hold the chunk the caller parsed.
@@ -152,8 +153,7 @@ local routed = p .. ':intake:routed'
 if redis.call('GET', routed) == ARGV[3] then return 0 end
 local claimed = p .. ':intake:claimed'
 if redis.call('LLEN', claimed) ~= tonumber(ARGV[4]) then return -3 end
-local dead_at = 11
-for _ = 1, tonumber(ARGV[10]) do dead_at = dead_at + 3 + tonumber(ARGV[dead_at + 1]) end
+local dead_at = 11 + 4 * tonumber(ARGV[10])
 local dead_count = tonumber(ARGV[dead_at])
 if dead_count > 0 and dead_full(dead_count, tonumber(ARGV[8]), tonumber(ARGV[9])) then
   return -2
@@ -163,14 +163,26 @@ local linger = tonumber(ARGV[5])
 local count_trigger = tonumber(ARGV[6])
 local size_trigger = tonumber(ARGV[7])
 local due = p .. ':lanes:due'
+local entries = redis.call('LRANGE', claimed, 0, -1)
 local pos = 11
 for _ = 1, tonumber(ARGV[10]) do
   local lane = ARGV[pos]
   local count = tonumber(ARGV[pos + 1])
   local bytes = tonumber(ARGV[pos + 2])
-  pos = pos + 3
-  local length = redis.call('RPUSH', p .. ':lane:' .. lane, unpack(ARGV, pos, pos + count - 1))
-  pos = pos + count
+  local packed = ARGV[pos + 3]
+  pos = pos + 4
+  -- Each event is 2 bytes of index into the claimed list and its 9-byte item header;
+  -- the entry's bytes are taken from the claimed list here rather than sent back.
+  local items = {}
+  for j = 0, count - 1 do
+    local base = 1 + j * 11
+    local index = struct.unpack('>H', packed, base)
+    items[j + 1] = string.sub(packed, base + 2, base + 10) .. entries[index + 1]
+  end
+  local length = 0
+  for first = 1, count, 1000 do
+    length = redis.call('RPUSH', p .. ':lane:' .. lane, unpack(items, first, math.min(first + 999, count)))
+  end
   local total = redis.call('HINCRBY', p .. ':lanes:bytes', lane, bytes)
   redis.call('ZADD', due, 'NX', now + linger, lane)
   -- A full lane is sent at once, unless it is backing off (it has an attempts
@@ -182,8 +194,7 @@ for _ = 1, tonumber(ARGV[10]) do
 end
 pos = pos + 1
 for _ = 1, dead_count do
-  local raw = redis.call('LINDEX', claimed, tonumber(ARGV[pos]))
-  dead_letter(raw, ARGV[pos + 1], now)
+  dead_letter(entries[tonumber(ARGV[pos]) + 1], ARGV[pos + 1], now)
   pos = pos + 2
 end
 redis.call('DEL', claimed)
@@ -239,49 +250,69 @@ return {now, next_due, leased}
 """
 
 # ARGV: prefix, instance, lane, max_count, max_bytes
-# Returns {status, now_ms, body_bytes, attempts record or '', items}: status 1, or -1
-# when the lease is not ours. Items are the longest prefix of the lane whose batch
-# body fits max_bytes (always at least one item, which may be too large on its own).
+# Reads the longest prefix of the lane whose batch body fits max_bytes (always at least
+# one event, which may be too large on its own), and returns the events' `data` bytes
+# grouped by type, so that the caller assembles the body without touching each event:
+#   {status, now_ms, body_bytes, attempts record or '', count, type_sequence,
+#    data_bytes, groups}
+# status is 1, or -1 when the lease is not ours. type_sequence has one byte (the type
+# index) per event in lane order; data_bytes is the sum of the data lengths; groups is
+# a flat list of type index, list of data, in ascending type index.
 _PEEK = _COMMON + r"""
 local overhead = """ + _OVERHEAD_LUA + r"""
 local inst = ARGV[2]
 local lane = ARGV[3]
 local max_count = tonumber(ARGV[4])
 local max_bytes = tonumber(ARGV[5])
-if redis.call('GET', p .. ':lease:' .. lane) ~= inst then return {-1, 0, 0, '', {}} end
+if redis.call('GET', p .. ':lease:' .. lane) ~= inst then return {-1, 0, 0, '', 0, '', 0, {}} end
 local key = p .. ':lane:' .. lane
-local items = {}
-local seen = {}
-local type_count = 0
+local count = 0
+local data_by_type = {}
+local types = {}
 local size = 2
+local data_bytes = 0
 local start = 0
 local full = false
-while not full and #items < max_count do
-  local page = math.min(200, max_count - #items)
+while not full and count < max_count do
+  local page = math.min(200, max_count - count)
   local chunk = redis.call('LRANGE', key, start, start + page - 1)
   if #chunk == 0 then break end
   for i = 1, #chunk do
     local v = chunk[i]
-    local t, _, length = struct.unpack('>BI4I4', v)
+    local t, offset, length = struct.unpack('>BI4I4', v)
+    local group = data_by_type[t]
     local add
     if t >= """ + str(_TRACKER_FIRST_INDEX) + r""" then
       add = length - 2
-    elseif seen[t] then
+    elseif group then
       add = length + 1
     else
       add = length + overhead[t + 1]
-      if type_count > 0 then add = add + 1 end
+      if next(data_by_type) then add = add + 1 end
     end
-    if #items > 0 and size + add > max_bytes then full = true break end
-    if not seen[t] then seen[t] = true type_count = type_count + 1 end
+    if count > 0 and size + add > max_bytes then full = true break end
+    if not group then
+      group = {}
+      data_by_type[t] = group
+    end
     size = size + add
-    items[#items + 1] = v
-    if #items >= max_count then break end
+    data_bytes = data_bytes + length
+    count = count + 1
+    group[#group + 1] = string.sub(v, """ + str(ITEM_HEADER_SIZE + 1) + r""" + offset, """ + str(ITEM_HEADER_SIZE) + r""" + offset + length)
+    types[count] = string.char(t)
+    if count >= max_count then break end
   end
   start = start + #chunk
 end
+local groups = {}
+for t = 0, """ + str(len(EVENT_TYPES) - 1) + r""" do
+  if data_by_type[t] then
+    groups[#groups + 1] = t
+    groups[#groups + 1] = data_by_type[t]
+  end
+end
 local attempts = redis.call('HGET', p .. ':lanes:attempts', lane) or ''
-return {1, now_ms(), size, attempts, items}
+return {1, now_ms(), size, attempts, count, table.concat(types), data_bytes, groups}
 """
 
 # ARGV: prefix, instance, lane, ack_id, pop_count, popped_bytes, linger_deadline_ms,
@@ -540,7 +571,12 @@ class Peek:
     attempts: int
     first_attempt_ms: int | None
     last_attempt_ms: int | None
-    items: list[bytes]
+    count: int
+    # One byte per event in lane order: its index into EVENT_TYPES.
+    type_sequence: bytes
+    data_bytes: int
+    # (type index, data of each event of that type in lane order), ascending type index.
+    groups: list[tuple[int, list[bytes]]]
 
 
 @dataclass(slots=True)
@@ -596,11 +632,11 @@ class RedisStore:
             self._prefix, instance, chunk_id, claimed_count, linger_ms, count_trigger, size_trigger,
             dl_max_entries, dl_max_bytes, len(lanes),
         ]
-        for lane, (items, size) in lanes.items():
+        for lane, (count, size, packed) in lanes.items():
             args.append(lane)
-            args.append(len(items))
+            args.append(count)
             args.append(size)
-            args.extend(items)
+            args.append(bytes(packed))
         args.append(len(dead))
         for index, meta in dead:
             args.append(index)
@@ -619,14 +655,20 @@ class RedisStore:
         return Schedule(int(now), None if int(next_due) < 0 else int(next_due), [lane.decode() for lane in lanes])
 
     async def peek(self, instance: str, lane: str, max_count: int, max_bytes: int) -> Peek:
-        status, now, size, attempts, items = await self._peek(
+        status, now, size, attempts, count, type_sequence, data_bytes, flat = await self._peek(
             args=[self._prefix, instance, lane, max_count, max_bytes]
         )
-        count, first, last = 0, None, None
+        tries, first, last = 0, None, None
         if attempts:
             parts = attempts.decode().split(",")
-            count, first, last = int(parts[0]), int(parts[1]), int(parts[2])
-        return Peek(int(status), int(now), int(size), count, first, last, items)
+            tries, first, last = int(parts[0]), int(parts[1]), int(parts[2])
+        groups = [(int(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+        return Peek(int(status), int(now), int(size), tries, first, last, int(count), type_sequence,
+                    int(data_bytes), groups)
+
+    async def lane_items(self, lane: str, count: int) -> list[bytes]:
+        """Return the first `count` items of a lane (header and envelope), for failure paths."""
+        return await self.client.lrange(self.keys.lane(lane), 0, count - 1)
 
     async def ack(
         self, instance: str, lane: str, ack_id: str, pop_count: int, popped_bytes: int,

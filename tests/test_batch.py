@@ -4,8 +4,15 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from forwarder.batch import batch_size, build_batch, read_batch_results, single_event_size
-from forwarder.envelope import decode_item, encode_item, parse_envelope
+from forwarder.batch import (
+    batch_size,
+    build_batch,
+    build_body,
+    read_batch_results,
+    read_failures,
+    single_event_size,
+)
+from forwarder.envelope import EVENT_TYPES, decode_item, encode_item, parse_envelope
 from forwarder.redis_store import RedisStore
 
 
@@ -63,29 +70,88 @@ async def test_peek_stops_at_exact_byte_limit(store: RedisStore) -> None:
     first_five = len(build_batch(decoded[:5]).body)
 
     at_limit = await store.peek("me", "7:batch", 100, full)
-    assert len(at_limit.items) == 6
+    assert at_limit.count == 6
     assert at_limit.body_bytes == full
 
     one_under = await store.peek("me", "7:batch", 100, full - 1)
-    assert len(one_under.items) == 5
+    assert one_under.count == 5
     assert one_under.body_bytes == first_five
+
+
+async def test_peek_groups_build_the_same_body(store: RedisStore) -> None:
+    items = _items(MIXED)
+    await _fill_lane(store, items)
+    decoded = [decode_item(item) for item in items]
+    peek = await store.peek("me", "7:batch", 100, 10_000_000)
+    body = build_body(peek.groups)
+    assert body == build_batch(decoded).body
+    assert len(body) == peek.body_bytes
+    assert peek.type_sequence == bytes(item.type_index for item in decoded)
+    assert peek.data_bytes == sum(len(item.data) for item in decoded)
 
 
 async def test_peek_count_limit_and_foreign_lease(store: RedisStore) -> None:
     await _fill_lane(store, _items(MIXED))
     peek = await store.peek("me", "7:batch", 2, 10_000_000)
-    assert len(peek.items) == 2
+    assert peek.count == 2
+    assert peek.type_sequence == bytes([0, 4])
     other = await store.peek("someone-else", "7:batch", 2, 10_000_000)
     assert other.status == -1
-    assert other.items == []
+    assert other.count == 0
 
 
 async def test_peek_returns_oversized_first_item(store: RedisStore) -> None:
     items = _items([("cart", {"blob": "x" * 5000}), ("cart", {"id": "small"})])
     await _fill_lane(store, items)
     peek = await store.peek("me", "7:batch", 100, 1024)
-    assert len(peek.items) == 1
+    assert peek.count == 1
     assert peek.body_bytes == len(build_batch([decode_item(items[0])]).body)
+
+
+def _groups(events: list[tuple[str, dict]]) -> tuple[list[tuple[int, list[bytes]]], bytes]:
+    decoded = [decode_item(item) for item in _items(events)]
+    groups: dict[int, list[bytes]] = {}
+    for item in decoded:
+        groups.setdefault(item.type_index, []).append(bytes(item.data))
+    return sorted(groups.items()), bytes(item.type_index for item in decoded)
+
+
+def test_failures_all_success_is_empty() -> None:
+    groups, sequence = _groups(MIXED)
+    body = orjson.dumps({EVENT_TYPES[t]: [{"success": True}] * len(d) for t, d in groups}, option=orjson.OPT_INDENT_2)
+    assert read_failures(body, groups, sequence) == []
+
+
+def test_failures_map_to_lane_positions() -> None:
+    groups, sequence = _groups(MIXED)
+    failure = {"error_type": "validation", "errors": {"id": "required"}, "success": False}
+    body = orjson.dumps({
+        "cart": [{"success": True}, failure],
+        "customer": [{"success": True}],
+        "order": [failure, {"success": True}],
+        "product.inventory": [{"success": True}],
+    })
+    failures = read_failures(body, groups, sequence)
+    assert failures is not None
+    assert [position for position, _ in failures] == [1, 2]
+    assert failures[0][1].error_type == "validation"
+    assert orjson.loads(failures[0][1].error_body) == failure
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"success": true}',
+        b'{"cart": [{"success": true}], "order": [{"success": true}, {"success": true}]}',
+        b'{"cart": "x", "order": [], "customer": [], "product.inventory": []}',
+    ],
+)
+def test_unreadable_failures_return_none(body: bytes) -> None:
+    groups, sequence = _groups(MIXED)
+    assert read_failures(body, groups, sequence) is None
 
 
 def test_results_all_success() -> None:
