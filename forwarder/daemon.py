@@ -23,6 +23,7 @@ import redis.exceptions as redis_errors
 from forwarder.backoff import backoff_delay_s
 from forwarder.client import ApiClient
 from forwarder.config import Config, load_config
+from forwarder.envelope import split_lane
 from forwarder.intake import Intake
 from forwarder.lanes import LaneSender, LaneState
 from forwarder.logs import get_logger, redactor
@@ -104,6 +105,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._progress: dict[str, float] = {}
         self._metrics_runner: Any = None
+        self._reported_backlogs: set[str] = set()
         self.metrics_port: int | None = None
 
     @property
@@ -379,6 +381,7 @@ class Daemon:
         except REDIS_TRANSIENT as exc:
             return f"redis unreachable: {type(exc).__name__}"
         self.progress("intake_status")
+        await self._update_lane_backlogs()
         dead_bytes = int(dead_bytes or 0)
         self.metrics.backlog.set(backlog)
         self.metrics.claimed.set(claimed)
@@ -388,6 +391,23 @@ class Daemon:
         paused = sum(1 for state in self.lane_states.values() if state.state == "paused")
         return (f"{rate:.0f} events/s, backlog {backlog}, sites paused {paused}, dead letters {dead}"
                 + (" (FULL)" if self.dead_full else ""))
+
+    async def _update_lane_backlogs(self) -> None:
+        """Set the backlog gauge of every lane that is paused or retrying here (0 once it recovers)."""
+        lanes = [lane for lane, state in self.lane_states.items() if state.state != "ok"]
+        reset = self._reported_backlogs.difference(lanes)
+        if lanes:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for lane in lanes:
+                    pipe.llen(self.store.keys.lane(lane))
+                lengths = await pipe.execute()
+            for lane, length in zip(lanes, lengths, strict=True):
+                site, kind = split_lane(lane)
+                self.metrics.lane_backlog.labels(site, kind).set(length)
+        for lane in reset:
+            site, kind = split_lane(lane)
+            self.metrics.lane_backlog.labels(site, kind).set(0)
+        self._reported_backlogs = set(lanes)
 
     # ----------------------------------------------------------- metrics HTTP
 

@@ -6,9 +6,11 @@ and per-site order.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import statistics
 
+import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -25,7 +27,7 @@ from tests.e2e import (
     wait_drained,
     wait_redis,
 )
-from tests.servers import RedisServer
+from tests.servers import RedisServer, free_port
 
 # Fast retries so that the scenarios finish in seconds.
 FAST = {
@@ -251,8 +253,9 @@ async def test_revoked_token_pauses_only_its_site(redis_server: RedisServer, red
     entries = [envelope(site, "cart", n) for n in range(100) for site in [*healthy, "1004"]]
     config = tmp_path / "forwarder.toml"
     config.write_text('[sites."1004"]\ntoken = "revoked-token"\n')
+    metrics_port = free_port()
     async with Sandbox(tokens={"token-default": set(healthy), "new-token": {"1004"}}) as sandbox:
-        env = daemon_env(redis_server.url, sandbox.base_url, **FAST)
+        env = daemon_env(redis_server.url, sandbox.base_url, metrics_listen=f"127.0.0.1:{metrics_port}", **FAST)
         daemon = await DaemonProcess(env, ["--config", str(config)]).start()
         await push(redis_client, entries)
         await sandbox.wait_for(lambda state: state.total_accepted >= 300, timeout=30)
@@ -262,8 +265,14 @@ async def test_revoked_token_pauses_only_its_site(redis_server: RedisServer, red
         assert sandbox.state.accepted_count("1004") == 0
         assert await redis_client.llen("jirafe:lane:1004:batch") == 100
         assert await redis_client.zcard("jirafe:dead:index") == 0
+        # The pause is logged just before its state is written to Redis.
+        await wait_until(lambda: redis_client.hget("jirafe:lanes:state", "1004:batch"), lambda raw: raw is not None)
         state = orjson.loads(await redis_client.hget("jirafe:lanes:state", "1004:batch"))
         assert state["state"] == "paused"
+        paused_series = 'jirafe_forwarder_site_backlog_events{lane="batch",site="1004"} 100.0'
+        await wait_until(lambda: _scrape(metrics_port), lambda text: paused_series in text)
+        assert 'jirafe_forwarder_site_state{lane="batch",site="1004",state="paused"} 1.0' in await _scrape(
+            metrics_port)
 
         # The operator rotates the token and reloads: the site resumes in order at once.
         config.write_text('[sites."1004"]\ntoken = "new-token"\n')
@@ -447,3 +456,18 @@ async def test_learned_ceiling_spares_single_events(
         assert await daemon.stop() == 0
         assert [event.data["seq"] for event in sandbox.state.events("3103")] == [0, 1]
     assert await dead_export(env) == []
+
+
+async def _scrape(port: int) -> str:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
+        return await response.text()
+
+
+async def wait_until(read, accept, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
+    """Poll `read()` until `accept(value)`: a metrics gauge has no event to await."""
+
+    async def check() -> None:
+        while not accept(await read()):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(check(), timeout)
