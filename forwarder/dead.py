@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import orjson
+import redis
 import redis.asyncio as aioredis
 
 from forwarder.redis_store import RedisStore
@@ -81,25 +82,83 @@ async def redis_time_ms(client: aioredis.Redis) -> int:
 async def iter_dead(
     store: RedisStore, dead_filter: DeadFilter, with_raw: bool = True
 ) -> AsyncIterator[dict[str, Any]]:
-    """Yield the dead letters matching the filter, oldest first, reading in pages."""
+    """Yield the dead letters matching the filter, oldest first, reading in pages.
+
+    The index orders members of equal score (one millisecond) as strings, so "10"
+    would come before "7". Each page is therefore sorted by (time, numeric id), and a
+    full page is extended with every member that has its last score, so a group of
+    equal scores is never split across two pages. The next page starts after that
+    score, which also keeps paging correct while others replay or purge.
+    """
     client = store.client
     now_ms = await redis_time_ms(client)
-    start = 0
+    index = store.keys.dead_index
+    low: int | str = "-inf"
     while True:
-        page = await client.zrange(store.keys.dead_index, start, start + PAGE - 1, withscores=True)
+        page = await client.zrange(index, low, "+inf", byscore=True, offset=0, num=PAGE, withscores=True)
         if not page:
             return
-        start += len(page)
+        last_score = page[-1][1]
+        if len(page) == PAGE:
+            last = int(last_score)
+            same_ms = await client.zrange(index, last, last, byscore=True, withscores=True)
+            page = [entry for entry in page if entry[1] < last_score] + same_ms
+        entries = sorted((int(score), int(member)) for member, score in page)
+        low = f"({int(last_score)}"
         async with client.pipeline(transaction=False) as pipe:
-            for member, _ in page:
-                pipe.hmget(store.keys.dead(member.decode()), "raw" if with_raw else "meta", "meta")
+            for _, dead_id in entries:
+                pipe.hmget(store.keys.dead(dead_id), "raw" if with_raw else "meta", "meta")
             rows = await pipe.execute()
-        for (member, score), (raw, meta) in zip(page, rows, strict=True):
+        for (dead_at_ms, dead_id), (raw, meta) in zip(entries, rows, strict=True):
             if meta is None:
                 continue  # replayed or purged by someone else meanwhile
-            record = to_record(int(member), int(score), raw if with_raw else b"", meta)
+            record = to_record(dead_id, dead_at_ms, raw if with_raw else b"", meta)
             if dead_filter.matches(record, now_ms):
                 yield record
+
+
+@dataclass(slots=True)
+class Selection:
+    """Explicit dead-letter ids sorted into those to act on and those to report."""
+
+    # Ids that exist and match the filter, oldest dead letter first.
+    matching: list[int]
+    # Ids with no dead letter, in the order given.
+    missing: list[int]
+    # Ids whose dead letter exists but does not match the filter, in the order given.
+    unmatched: list[int]
+
+
+async def select_ids(store: RedisStore, ids: list[int], dead_filter: DeadFilter) -> Selection:
+    """Look up explicit ids and keep those that exist and match the filter.
+
+    Repeated ids count once. The matching ids come oldest first, the order in which
+    a replay without ids would push them.
+    """
+    client = store.client
+    now_ms = await redis_time_ms(client)
+    unique = list(dict.fromkeys(ids))
+    found: list[tuple[int, int]] = []
+    missing: list[int] = []
+    unmatched: list[int] = []
+    for offset in range(0, len(unique), PAGE):
+        chunk = unique[offset : offset + PAGE]
+        async with client.pipeline(transaction=False) as pipe:
+            for dead_id in chunk:
+                pipe.hget(store.keys.dead(dead_id), "meta")
+                pipe.zscore(store.keys.dead_index, dead_id)
+            replies = await pipe.execute()
+        for position, dead_id in enumerate(chunk):
+            meta, score = replies[2 * position], replies[2 * position + 1]
+            if meta is None:
+                missing.append(dead_id)
+                continue
+            record = to_record(dead_id, int(score or 0), b"", meta)
+            if dead_filter.matches(record, now_ms):
+                found.append((record["dead_at_ms"], dead_id))
+            else:
+                unmatched.append(dead_id)
+    return Selection([dead_id for _, dead_id in sorted(found)], missing, unmatched)
 
 
 async def show_dead(store: RedisStore, dead_id: int) -> dict[str, Any] | None:
@@ -110,14 +169,30 @@ async def show_dead(store: RedisStore, dead_id: int) -> dict[str, Any] | None:
     return to_record(dead_id, int(score or 0), raw, meta)
 
 
+class MoveInterrupted(Exception):
+    """A replay or purge that Redis failed part way; `done` dead letters were moved before."""
+
+    def __init__(self, done: int) -> None:
+        super().__init__(f"{done} dead letter(s) moved before the failure")
+        self.done = done
+
+
 async def move_dead(
     store: RedisStore, ids: list[int], operation: Callable[[list[int]], Any],
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Replay or purge dead letters in chunks; each chunk is one atomic script call."""
+    """Replay or purge dead letters in chunks, and return how many were moved.
+
+    Each chunk is one atomic script call. When a call fails, raise MoveInterrupted
+    with the count of the chunks applied before it, chained to the error. The failed
+    chunk may have been applied too when only its reply was lost.
+    """
     done = 0
     for offset in range(0, len(ids), PAGE):
-        done += await operation(ids[offset : offset + PAGE])
+        try:
+            done += await operation(ids[offset : offset + PAGE])
+        except (redis.RedisError, OSError) as exc:
+            raise MoveInterrupted(done) from exc
         if progress is not None:
             progress(min(offset + PAGE, len(ids)), len(ids))
     return done
