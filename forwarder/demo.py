@@ -9,6 +9,7 @@ what was dead-lettered and why.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sys
 import tempfile
@@ -159,4 +160,26 @@ def _print_report(out: Any, sandbox: Sandbox, sites: list[str], dead: list[dict[
         detail = " ".join(str(detail).split())[:90]
         print(f"  {record['reason']:<16} site={record.get('site_id')} type={record.get('type')} "
               f"status={record.get('status')}  {detail}", file=out)
-    print("\ninspect them with: jirafe-forwarder dead list (against the same Redis)", file=out)
+    command = cli_command()
+    print(
+        "\nThe demo's redis-server and sandbox stop when it exits, and their data is deleted,\n"
+        "so these dead letters cannot be inspected afterwards. To run the forwarder on your\n"
+        "own Redis, copy config/forwarder.toml, set redis.url, api.base_url and the token\n"
+        "(README.md, Install), then:\n"
+        f"  {command} check-config --config forwarder.toml\n"
+        f"  {command} run --config forwarder.toml\n"
+        f"  {command} dead list --config forwarder.toml",
+        file=out,
+    )
+
+
+def cli_command() -> str:
+    """Return a command line that runs this CLI again from any directory.
+
+    `scripts/demo` runs .venv/bin/jirafe-forwarder, so the hint shows that script's
+    absolute path, because a bare `jirafe-forwarder` is not on PATH there.
+    """
+    script = os.path.abspath(sys.argv[0])
+    if os.path.basename(script) == "jirafe-forwarder" and os.access(script, os.X_OK):
+        return script
+    return f"{sys.executable} -m forwarder.cli"
