@@ -273,8 +273,8 @@ class Daemon:
             if free > 0:
                 async with self._lease_lock:
                     schedule = await self.redis_call(self.store.schedule, self.instance_id, self.lease_ttl_ms, free)
-                    for lane in schedule.lanes:
-                        self._start_lane(lane, flush_only=False)
+                    for lane, token in schedule.lanes:
+                        self._start_lane(lane, token, flush_only=False)
                 if schedule.next_due_ms is not None:
                     delay = min(delay, max(0.0, (schedule.next_due_ms - schedule.now_ms) / 1000))
                 if schedule.lanes and len(schedule.lanes) == free:
@@ -286,13 +286,13 @@ class Daemon:
             except TimeoutError:
                 pass
 
-    def _start_lane(self, lane: str, flush_only: bool) -> None:
-        task = asyncio.create_task(self._run_lane(lane, flush_only), name=f"lane {lane}")
+    def _start_lane(self, lane: str, token: str, flush_only: bool) -> None:
+        task = asyncio.create_task(self._run_lane(lane, token, flush_only), name=f"lane {lane}")
         self._lane_tasks[lane] = task
 
-    async def _run_lane(self, lane: str, flush_only: bool) -> None:
+    async def _run_lane(self, lane: str, token: str, flush_only: bool) -> None:
         try:
-            await LaneSender(self, lane, flush_only).run()
+            await LaneSender(self, lane, token, flush_only).run()
         except ShutdownForced:
             pass
         except asyncio.CancelledError:
@@ -499,8 +499,8 @@ class Daemon:
                                     self.config.batch.linger_ms + 1000, True),
                     timeout=max(0.1, hard_deadline - time.monotonic()),
                 )
-                for lane in schedule.lanes:
-                    self._start_lane(lane, flush_only=True)
+                for lane, token in schedule.lanes:
+                    self._start_lane(lane, token, flush_only=True)
             except (TimeoutError, ShutdownForced) as exc:
                 log.warning("flush skipped", error=type(exc).__name__)
 

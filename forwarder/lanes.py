@@ -66,9 +66,12 @@ class LaneLost(Exception):
 
 
 class LaneSender:
-    def __init__(self, daemon: Daemon, lane: str, flush_only: bool) -> None:
+    def __init__(self, daemon: Daemon, lane: str, lease_token: str, flush_only: bool) -> None:
         self.daemon = daemon
         self.lane = lane
+        # Every lane operation presents this token, so it acts only under this lease.
+        self.lease_token = lease_token
+        self.last_ack_status = 0
         self.site_id, self.kind = split_lane(lane)
         self.tracker = self.kind != LANE_BATCH
         self.flush_only = flush_only
@@ -84,7 +87,7 @@ class LaneSender:
         while True:
             max_count = 1 if self.tracker else self.state.cap_events
             peek = await daemon.redis_call(
-                store.peek, daemon.instance_id, self.lane, max_count, daemon.byte_ceiling
+                store.peek, self.lease_token, self.lane, max_count, daemon.byte_ceiling
             )
             if peek.status < 0:
                 log.info("lane lease lost", lane=self.lane)
@@ -125,7 +128,7 @@ class LaneSender:
             if not more or daemon.stopping.is_set() or (self.flush_only and sent_batches >= 1):
                 if more:
                     # The lease is still ours after a kept ack: hand the rest back now.
-                    await daemon.redis_call(store.release_instance_lane, daemon.instance_id, self.lane)
+                    await daemon.redis_call(store.release_instance_lane, self.lease_token, self.lane)
                 return
 
     async def _items(self, peek: Peek) -> list[Item]:
@@ -157,8 +160,11 @@ class LaneSender:
                             items[position], reason, outcome.status, result.error_body, peek)))
             self._succeeded(peek.now_ms, count)
             state.cap_events = min(config.batch.max_events, state.cap_events * 2)
-            self._count_delivered(peek, {position for position, _ in dead})
-            return await self._ack(peek, count, dead, keep_lease=False)
+            more = await self._ack(peek, count, dead, keep_lease=False)
+            if self.last_ack_status != -1:
+                # Popped (with a full dead-letter store, all but the failed events).
+                self._count_delivered(peek, {position for position, _ in dead})
+            return more
 
         state.last_error = f"{outcome.reason} (HTTP {outcome.status})" if outcome.status else outcome.reason
 
@@ -271,8 +277,13 @@ class LaneSender:
         # Probe no sooner than half the base, so a paused site is never polled in a loop.
         delay = max(delay, config.retry.pause_base_s / 2)
         if state.state != "paused":
-            log.error("site paused: the API rejected its credentials; events are kept",
-                      lane=self.lane, site=self.site_id, reason=reason, status=status)
+            if status in (404, 405):
+                message = "site paused: the API does not serve this path, check api.base_url; events are kept"
+            elif status is None:
+                message = "site paused: no token configured for this site; events are kept"
+            else:
+                message = "site paused: the API rejected its credentials; events are kept"
+            log.error(message, lane=self.lane, site=self.site_id, reason=reason, status=status)
         state.state = "paused"
         state.last_error = f"{reason} (HTTP {status})" if status else reason
         daemon.metrics.set_site_state(self.site_id, self.kind, "paused")
@@ -284,7 +295,7 @@ class LaneSender:
         if self.state.state == "retrying":
             daemon.metrics.set_site_state(self.site_id, self.kind, "retrying")
         await daemon.redis_call(
-            daemon.store.retry_later, daemon.instance_id, self.lane, int(delay_s * 1000), count_attempt,
+            daemon.store.retry_later, self.lease_token, self.lane, int(delay_s * 1000), count_attempt,
             self.state.state_json(),
         )
 
@@ -298,15 +309,20 @@ class LaneSender:
         now_ms = peek.now_ms
         # The same measure the route script added per item: data bytes plus a comma.
         popped_bytes = peek.data_bytes + peek.count if pop_count else 0
+        if dead and pop_count == 1:
+            # Settle the dead-lettered head first, so that the state stored with this
+            # ack is already "ok" when nothing else failed.
+            self._settled(1)
         ack_id = f"{daemon.instance_id}:{next(_ack_ids)}"
         status, _ = await daemon.redis_call(
-            daemon.store.ack, daemon.instance_id, self.lane, ack_id, pop_count, popped_bytes,
+            daemon.store.ack, self.lease_token, self.lane, ack_id, pop_count, popped_bytes,
             # A tracker lane sends one event per request, so any event left is a full
             # request's worth and the lease is kept for it.
             now_ms + config.batch.linger_ms, 1 if self.tracker else config.batch.max_events, daemon.byte_ceiling,
             config.dead_letter.max_entries, config.dead_letter.max_bytes, daemon.lease_ttl_ms,
             keep_lease and not daemon.stopping.is_set(), self.state.state_json(), dead, keep_failure_start,
         )
+        self.last_ack_status = status
         if status == -2:
             daemon.set_dead_full(True)
             log.error("dead-letter store is full: lane waits until it is emptied", lane=self.lane,
@@ -320,8 +336,6 @@ class LaneSender:
             return False
         for _, meta in dead:
             self._log_dead(meta)
-        if dead and pop_count == 1:
-            self._settled(1)
         return status == 1
 
     def _dead_meta(
@@ -376,7 +390,8 @@ class LaneSender:
         if outcome.throttled:
             label = "throttled"
         elif outcome.action is Action.RETRY:
-            label = outcome.reason
+            # A transport failure by its kind; an HTTP 5xx as "retry".
+            label = "retry" if outcome.status is not None else outcome.reason
         else:
             label = _OUTCOME_LABELS[outcome.action]
         metrics.requests.labels(self.site_id, bounded(label, OUTCOMES)).inc()

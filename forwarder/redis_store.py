@@ -16,7 +16,8 @@ Keys (p is `redis.key_prefix`; a prefix in braces keeps every key in one cluster
     {p}:intake:leader       string with TTL, the instance id of the intake leader
     {p}:intake:routed       string, id of the last routed chunk (makes route idempotent)
     {p}:lane:<lane>         list of items (envelope.ITEM_HEADER + producer bytes)
-    {p}:lease:<lane>        string with TTL, the instance id that owns the lane
+    {p}:lease:<lane>        string with TTL, the lease token ("<instance id>|<n>") of the owner
+    {p}:lanes:lease_seq     counter that makes each lease token unique
     {p}:lanes:due           zset lane -> Redis time (ms) when the lane should be sent
     {p}:lanes:bytes         hash lane -> approximate bytes queued (size trigger only)
     {p}:lanes:attempts      hash lane -> "attempts,first_ms,last_ms" of the lane's head
@@ -78,7 +79,7 @@ _CLAIM = _COMMON + r"""
 local inst = ARGV[2]
 local max_count = tonumber(ARGV[3])
 local leader = p .. ':intake:leader'
-if redis.call('GET', leader) ~= inst then return {-1, {}} end
+if redis.call('GET', leader) ~= inst then return {-1, {}, 0} end
 redis.call('PEXPIRE', leader, tonumber(ARGV[7]))
 local claimed = p .. ':intake:claimed'
 local max_entry = tonumber(ARGV[6])
@@ -217,7 +218,7 @@ return #items
 # ARGV: prefix, instance, ttl_ms, max_lanes, horizon_ms, skip_retrying (0/1)
 # Leases up to max_lanes lanes due by now + horizon. A lane leased by another
 # instance is pushed back until that lease expires, so it is not polled in a loop.
-# Returns {now_ms, next_due_ms or -1, leased lanes}.
+# Returns {now_ms, next_due_ms or -1, flat list of leased lane and its lease token}.
 _SCHEDULE = _COMMON + r"""
 local inst = ARGV[2]
 local ttl = tonumber(ARGV[3])
@@ -232,10 +233,14 @@ for i = 1, #lanes do
   local lane = lanes[i]
   if not (skip_retrying and redis.call('HEXISTS', p .. ':lanes:attempts', lane) == 1) then
     local lease = p .. ':lease:' .. lane
-    if redis.call('SET', lease, inst, 'NX', 'PX', ttl) then
+    -- Each lease gets its own token, so an acknowledgement delayed from an earlier lease
+    -- of the same instance (a reply lost in a Redis freeze) cannot pop events of this one.
+    local token = inst .. '|' .. redis.call('INCR', p .. ':lanes:lease_seq')
+    if redis.call('SET', lease, token, 'NX', 'PX', ttl) then
       redis.call('ZREM', due, lane)
       redis.call('SADD', p .. ':instance:' .. inst .. ':lanes', lane)
       leased[#leased + 1] = lane
+      leased[#leased + 1] = token
     else
       local left = redis.call('PTTL', lease)
       if left < 0 then left = 100 end
@@ -249,7 +254,7 @@ if first[2] then next_due = tonumber(first[2]) end
 return {now, next_due, leased}
 """
 
-# ARGV: prefix, instance, lane, max_count, max_bytes
+# ARGV: prefix, lease token, lane, max_count, max_bytes
 # Reads the longest prefix of the lane whose batch body fits max_bytes (always at least
 # one event, which may be too large on its own), and returns the events' `data` bytes
 # grouped by type, so that the caller assembles the body without touching each event:
@@ -260,11 +265,11 @@ return {now, next_due, leased}
 # a flat list of type index, list of data, in ascending type index.
 _PEEK = _COMMON + r"""
 local overhead = """ + _OVERHEAD_LUA + r"""
-local inst = ARGV[2]
+local token = ARGV[2]
 local lane = ARGV[3]
 local max_count = tonumber(ARGV[4])
 local max_bytes = tonumber(ARGV[5])
-if redis.call('GET', p .. ':lease:' .. lane) ~= inst then return {-1, 0, 0, '', 0, '', 0, {}} end
+if redis.call('GET', p .. ':lease:' .. lane) ~= token then return {-1, 0, 0, '', 0, '', 0, {}} end
 local key = p .. ':lane:' .. lane
 local count = 0
 local data_by_type = {}
@@ -315,13 +320,15 @@ local attempts = redis.call('HGET', p .. ':lanes:attempts', lane) or ''
 return {1, now_ms(), size, attempts, count, table.concat(types), data_bytes, groups}
 """
 
-# ARGV: prefix, instance, lane, ack_id, pop_count, popped_bytes, linger_deadline_ms,
+# ARGV: prefix, lease token, lane, ack_id, pop_count, popped_bytes, linger_deadline_ms,
 #       count_trigger, size_trigger, dl_max_entries, dl_max_bytes, ttl_ms, keep_lease,
 #       state_json, keep_failure_start (0/1), dead_count, then per dead letter: index in
 #       the lane, meta JSON.
 # Returns {status, now_ms}: 0 lane empty and released, 1 lease kept for the next batch,
 # 3 released with the rest due at the linger deadline, -1 lease lost (nothing done),
-# -2 dead-letter store full (nothing done). A repeated ack_id returns the first status.
+# -2 dead-letter store full (the prefix popped but for the events to dead-letter, which
+# are back at the head and wait; the lease is kept). A repeated ack_id returns the
+# first status.
 _ACK = _COMMON + r"""
 local inst = ARGV[2]
 local lane = ARGV[3]
@@ -334,13 +341,31 @@ if previous and string.sub(previous, 1, #ack_id + 1) == ack_id .. '|' then
   return {tonumber(string.sub(previous, #ack_id + 2)), 0}
 end
 local lease = p .. ':lease:' .. lane
-if redis.call('GET', lease) ~= inst then return {-1, 0} end
+-- ARGV[2] is the lease token; the owning instance is the part before the bar.
+local token = inst
+inst = string.match(token, '^(.*)|')
+if redis.call('GET', lease) ~= token then return {-1, 0} end
 local dead_count = tonumber(ARGV[16])
-if dead_count > 0 and dead_full(dead_count, tonumber(ARGV[10]), tonumber(ARGV[11])) then
-  return {-2, 0}
-end
 local key = p .. ':lane:' .. lane
 local now = now_ms()
+if dead_count > 0 and dead_full(dead_count, tonumber(ARGV[10]), tonumber(ARGV[11])) then
+  -- No room for these dead letters: pop the prefix anyway, because the API accepted
+  -- its other events and resending them would duplicate them, and put the failed
+  -- events back at the head, in order, to wait until the store has room.
+  local failed = {}
+  local back_bytes = 0
+  for i = 0, dead_count - 1 do
+    local item = redis.call('LINDEX', key, tonumber(ARGV[17 + 2 * i]))
+    local _, _, length = struct.unpack('>BI4I4', item)
+    failed[#failed + 1] = item
+    back_bytes = back_bytes + length + 1
+  end
+  redis.call('LTRIM', key, tonumber(ARGV[5]), -1)
+  for i = #failed, 1, -1 do redis.call('LPUSH', key, failed[i]) end
+  redis.call('HINCRBY', p .. ':lanes:bytes', lane, string.format('%d', back_bytes - tonumber(ARGV[6])))
+  redis.call('HSET', acked, lane, ack_id .. '|-2')
+  return {-2, now}
+end
 local pos = 17
 for _ = 1, dead_count do
   local item = redis.call('LINDEX', key, tonumber(ARGV[pos]))
@@ -363,7 +388,8 @@ if pop_count > 0 then
 end
 if ARGV[14] ~= '' then redis.call('HSET', p .. ':lanes:state', lane, ARGV[14]) end
 local bytes_key = p .. ':lanes:bytes'
-local total = redis.call('HINCRBY', bytes_key, lane, -tonumber(ARGV[6]))
+-- string.format: Lua writes -0 as "-0", which Redis rejects as an integer.
+local total = redis.call('HINCRBY', bytes_key, lane, string.format('%d', -tonumber(ARGV[6])))
 local remaining = redis.call('LLEN', key)
 local due = p .. ':lanes:due'
 local owned = p .. ':instance:' .. inst .. ':lanes'
@@ -387,14 +413,16 @@ redis.call('HSET', acked, lane, ack_id .. '|3')
 return {3, now}
 """
 
-# ARGV: prefix, instance, lane, delay_ms, count_attempt (0/1), state_json
+# ARGV: prefix, lease token, lane, delay_ms, count_attempt (0/1), state_json
 # Records a failed try of the lane's head and releases the lane until now + delay.
 # Returns {attempts, first_ms, now_ms}, or {-1, 0, 0} when the lease is not ours.
 _RETRY = _COMMON + r"""
 local inst = ARGV[2]
 local lane = ARGV[3]
 local lease = p .. ':lease:' .. lane
-if redis.call('GET', lease) ~= inst then return {-1, 0, 0} end
+local token = inst
+inst = string.match(token, '^(.*)|')
+if redis.call('GET', lease) ~= token then return {-1, 0, 0} end
 local now = now_ms()
 local attempts_key = p .. ':lanes:attempts'
 local record = redis.call('HGET', attempts_key, lane)
@@ -430,7 +458,8 @@ local owned = p .. ':instance:' .. inst .. ':lanes'
 local lost = {}
 for _, lane in ipairs(redis.call('SMEMBERS', owned)) do
   local lease = p .. ':lease:' .. lane
-  if redis.call('GET', lease) ~= inst then
+  local holder = redis.call('GET', lease)
+  if not holder or string.sub(holder, 1, #inst + 1) ~= inst .. '|' then
     redis.call('SREM', owned, lane)
     lost[#lost + 1] = lane
   elseif active[lane] then
@@ -458,7 +487,8 @@ local owned = p .. ':instance:' .. inst .. ':lanes'
 local released = 0
 for _, lane in ipairs(redis.call('SMEMBERS', owned)) do
   local lease = p .. ':lease:' .. lane
-  if redis.call('GET', lease) == inst then
+  local holder = redis.call('GET', lease)
+  if holder and string.sub(holder, 1, #inst + 1) == inst .. '|' then
     redis.call('DEL', lease)
     redis.call('ZADD', p .. ':lanes:due', 'LT', now, lane)
     released = released + 1
@@ -470,14 +500,14 @@ redis.call('HDEL', p .. ':instances', inst)
 return released
 """
 
-# ARGV: prefix, instance, lane. Gives up one lane lease; a non-empty lane is due at once.
+# ARGV: prefix, lease token, lane. Gives up one lane lease; a non-empty lane is due at once.
 _RELEASE_LANE = _COMMON + r"""
 local inst = ARGV[2]
 local lane = ARGV[3]
 local lease = p .. ':lease:' .. lane
 if redis.call('GET', lease) ~= inst then return 0 end
 redis.call('DEL', lease)
-redis.call('SREM', p .. ':instance:' .. inst .. ':lanes', lane)
+redis.call('SREM', p .. ':instance:' .. string.match(inst, '^(.*)|') .. ':lanes', lane)
 if redis.call('LLEN', p .. ':lane:' .. lane) > 0 then
   redis.call('ZADD', p .. ':lanes:due', 'LT', now_ms(), lane)
 end
@@ -583,7 +613,8 @@ class Peek:
 class Schedule:
     now_ms: int
     next_due_ms: int | None
-    lanes: list[str]
+    # (lane, lease token) for each lane leased by this call.
+    lanes: list[tuple[str, str]]
 
 
 class RedisStore:
@@ -652,7 +683,8 @@ class RedisStore:
         now, next_due, lanes = await self._schedule(
             args=[self._prefix, instance, ttl_ms, max_lanes, horizon_ms, 1 if skip_retrying else 0]
         )
-        return Schedule(int(now), None if int(next_due) < 0 else int(next_due), [lane.decode() for lane in lanes])
+        leased = [(lanes[i].decode(), lanes[i + 1].decode()) for i in range(0, len(lanes), 2)]
+        return Schedule(int(now), None if int(next_due) < 0 else int(next_due), leased)
 
     async def peek(self, instance: str, lane: str, max_count: int, max_bytes: int) -> Peek:
         status, now, size, attempts, count, type_sequence, data_bytes, flat = await self._peek(

@@ -203,7 +203,8 @@ def _lane_entry(
         "backlog": length,
         "next_due_ms": due_ms,
         "due_in_ms": None if due_ms is None else max(0, due_ms - now_ms),
-        "owner": owner.decode() if owner is not None else None,
+        # The lease value is "<instance id>|<lease number>"; show the instance.
+        "owner": owner.decode().rpartition("|")[0] or owner.decode() if owner is not None else None,
         "attempts": attempts,
         "first_attempt_ms": first_ms,
         "last_attempt_ms": last_ms,
@@ -339,11 +340,16 @@ def _assess(status: dict[str, Any]) -> tuple[list[str], list[str]]:
     notices: list[str] = []
     for lane in status["lanes"]:
         if lane["state"] == "paused":
+            error = lane["last_error"] or "no reason recorded"
+            if "(HTTP 404)" in error or "(HTTP 405)" in error:
+                fix = ("Check api.base_url (it must end in /v2), then run 'systemctl restart"
+                       " jirafe-forwarder': a reload does not change the base URL")
+            else:
+                fix = ("Fix the site's token, then run 'systemctl restart jirafe-forwarder' (or reload,"
+                       " for a token that is not a systemd credential)")
             problems.append(
-                f"site {lane['site_id']} ({lane['kind']} lane) is paused: {lane['last_error'] or 'no reason recorded'};"
-                f" {lane['backlog']} events wait in Redis. Fix the site's token, then run"
-                " 'systemctl restart jirafe-forwarder' (or reload, for a token that is not a"
-                " systemd credential)"
+                f"site {lane['site_id']} ({lane['kind']} lane) is paused: {error};"
+                f" {lane['backlog']} events wait in Redis. {fix}"
             )
 
     dead = status["dead_letters"]

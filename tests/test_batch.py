@@ -192,3 +192,35 @@ def test_results_mixed_map_to_lane_positions() -> None:
 def test_unreadable_results_return_none(body: bytes) -> None:
     batch = build_batch([decode_item(item) for item in _items(MIXED)])
     assert read_batch_results(body, batch, 6) is None
+
+
+async def test_ack_from_an_earlier_lease_pops_nothing(store: RedisStore) -> None:
+    await store.client.rpush(store.keys.lane("7:batch"), *_items(MIXED))
+    await store.client.zadd(store.keys.due, {"7:batch": 0})
+    first = await store.schedule("inst", 10_000, 1)
+    [(lane, old_token)] = first.lanes
+    # The lease is given up and taken again by the same instance, as after a Redis freeze.
+    assert await store.release_instance_lane(old_token, lane) == 1
+    second = await store.schedule("inst", 10_000, 1)
+    [(_, new_token)] = second.lanes
+    assert new_token != old_token
+    status, _ = await store.ack(old_token, lane, "late-ack", 6, 0, 0, 1000, 10**7, 100, 10**9, 10_000,
+                                False, b"", [])
+    assert status == -1
+    assert await store.client.llen(store.keys.lane(lane)) == 6
+    status, _ = await store.ack(new_token, lane, "current-ack", 2, 0, 0, 1000, 10**7, 100, 10**9, 10_000,
+                                False, b"", [])
+    assert status == 3
+    assert await store.client.llen(store.keys.lane(lane)) == 4
+
+
+async def test_ack_of_an_empty_lane_releases_it(store: RedisStore) -> None:
+    # A lane can be due while empty (its events went with an earlier batch).
+    await store.client.zadd(store.keys.due, {"8:batch": 0})
+    [(lane, token)] = (await store.schedule("inst", 10_000, 1)).lanes
+    peek = await store.peek(token, lane, 100, 10_000_000)
+    assert peek.count == 0
+    status, _ = await store.ack(token, lane, "empty", 0, 0, 0, 1000, 10**7, 100, 10**9, 10_000, False, b"", [])
+    assert status == 0
+    assert await store.client.exists(store.keys.lease(lane)) == 0
+    assert await store.client.zscore(store.keys.due, lane) is None
