@@ -188,6 +188,10 @@ ERROR_TABLE: list[tuple[str, str, str, str | None, Any, int, str]] = [
     ("token before path type", "POST", "/1001/shipment", "tok-z", {}, 403, "invalid_token"),
     ("site of another token", "POST", "/2001/batch", "tok-a", {}, 403, "authorization"),
     ("site before body", "POST", "/2001/cart", "tok-a", b"{not json", 403, "authorization"),
+    ("extra path segment", "POST", "/1001/batch/extra", "tok-a", {"cart": []}, 404, "not_found"),
+    ("site id not digits", "POST", "/abc/batch", "tok-all", {"cart": []}, 404, "not_found"),
+    ("site id before token", "POST", "/abc/batch", "tok-z", {"cart": []}, 404, "not_found"),
+    ("site id before path type", "PUT", "/abc/shipment", "tok-all", {}, 404, "not_found"),
 ]  # fmt: skip
 
 
@@ -360,6 +364,123 @@ async def test_get_on_event_path_is_not_allowed(
 ) -> None:
     async with session.get(f"{sandbox.base_url}/1001/batch") as response:
         assert response.status == 405
+        assert response.headers["Allow"] == "POST,PUT"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/1001/batch/extra",
+        "/v2/v2/1001/batch",
+        "/v2/1001",
+        "/v2",
+        "/v2/",
+        "/v2//batch",
+        "/v2/tracker/pageview/extra",
+    ],
+)
+async def test_unknown_api_path_is_json_404(
+    sandbox: Sandbox, session: aiohttp.ClientSession, path: str
+) -> None:
+    body = orjson.dumps({"cart": [sample_event("cart")]})
+
+    status, parsed, text = await send(session, sandbox.url + path, body, token="tok-all")
+
+    assert status == 404
+    assert parsed["error_type"] == "not_found"
+    assert parsed["success"] is False
+    assert parsed["message"].startswith(f"path {path} not found: ")
+    assert "base URL ends in /v2" in parsed["message"]
+    assert list(parsed) == ["error_type", "message", "success"]
+    assert text.startswith('{\n  "error_type": "not_found",\n  "message": ')
+    assert sandbox.state.accepted_count() == 0
+    record = sandbox.state.requests[-1]
+    assert record.path == path
+    assert record.site is None
+    assert record.status == 404
+    assert record.error_type == "not_found"
+    assert record.token == "token-3"
+    assert record.body_bytes == len(body)
+    assert sandbox.state.requests_by_status[404] == 1
+
+
+async def test_unknown_api_path_in_request_log_and_stats(
+    sandbox: Sandbox, session: aiohttp.ClientSession
+) -> None:
+    await send(session, f"{sandbox.url}/v2/1001/batch/extra", {"cart": []})
+    await send(session, f"{sandbox.url}/v2/abc/batch", {"cart": []})
+
+    async with session.get(f"{sandbox.url}/_sandbox/requests") as response:
+        log = await response.json()
+    async with session.get(f"{sandbox.url}/_sandbox/requests?site=abc") as response:
+        abc_log = await response.json()
+    async with session.get(f"{sandbox.url}/_sandbox/stats") as response:
+        stats = await response.json()
+
+    assert [(entry["path"], entry["status"], entry["error_type"]) for entry in log] == [
+        ("/v2/1001/batch/extra", 404, "not_found"),
+        ("/v2/abc/batch", 404, "not_found"),
+    ]
+    assert [entry["path"] for entry in abc_log] == ["/v2/abc/batch"]
+    assert stats["requests"]["total"] == 2
+    assert stats["requests"]["by_status"] == {"404": 2}
+
+
+async def test_unknown_api_path_ignores_faults(
+    sandbox: Sandbox, session: aiohttp.ClientSession
+) -> None:
+    error = sandbox.faults.add("error", status=503)
+    reset = sandbox.faults.add("reset")
+
+    status, body, _ = await send(session, f"{sandbox.url}/v2/1001/batch/extra", {"cart": []})
+
+    assert status == 404
+    assert body["error_type"] == "not_found"
+    assert error.fired == 0
+    assert reset.fired == 0
+
+
+@pytest.mark.parametrize(
+    ("quoted", "site"),
+    [
+        ("abc", "abc"),
+        ("10a1", "10a1"),
+        ("-1001", "-1001"),
+        ("1001.0", "1001.0"),
+        ("%C2%B2", "\u00b2"),  # superscript two, which str.isdigit() accepts
+        ("%D9%A1%D9%A0", "\u0661\u0660"),  # Arabic-Indic digits
+        ("10%2F01", "10/01"),
+    ],
+)
+async def test_site_id_must_be_ascii_digits(
+    sandbox: Sandbox, session: aiohttp.ClientSession, quoted: str, site: str
+) -> None:
+    batch = {"customer": [sample_event("customer")]}
+
+    status, body, _ = await send(
+        session, f"{sandbox.base_url}/{quoted}/batch", batch, token="tok-all"
+    )
+
+    assert status == 404
+    assert body["error_type"] == "not_found"
+    assert body["success"] is False
+    assert body["message"].startswith(f"invalid site id {site!r} in the path ")
+    assert body["message"].endswith("a site id is a string of digits, such as 1001")
+    assert sandbox.state.accepted_count() == 0
+    assert sandbox.state.requests[-1].site == site
+    assert sandbox.state.requests[-1].status == 404
+
+
+@pytest.mark.parametrize("path", ["/", "/v1/1001/batch", "/v2xyz", "/_sandbox/nosuch"])
+async def test_path_outside_api_is_plain_404(
+    sandbox: Sandbox, session: aiohttp.ClientSession, path: str
+) -> None:
+    status, body, text = await send(session, sandbox.url + path, {"cart": []})
+
+    assert status == 404
+    assert body is None
+    assert text == "404: Not Found"
+    assert sandbox.state.total_requests == 0
 
 
 @pytest.mark.parametrize(

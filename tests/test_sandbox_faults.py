@@ -299,7 +299,7 @@ async def test_poison_fails_whole_request_with_validation(
     assert status == 400
     assert body == {
         "error_type": "validation",
-        "errors": {"cart.1.poison": "event carries the poison marker poison=True (injected fault)"},
+        "errors": {"cart.1.poison": "event carries the poison marker poison=true (injected fault)"},
         "success": False,
     }
     assert clean_status == 200
@@ -349,6 +349,36 @@ async def test_poison_custom_marker_matches_type(
     assert other_status == 200
 
 
+@pytest.mark.parametrize(
+    ("marker_value", "shown"),
+    [
+        (True, "true"),
+        (False, "false"),
+        (None, "null"),
+        ("P2", '"P2"'),
+        ("it's", '"it\'s"'),
+        (2, "2"),
+        (1.5, "1.5"),
+        ([1, "a"], '[1,"a"]'),
+        ({"k": None}, '{"k":null}'),
+    ],
+)
+async def test_poison_message_shows_marker_as_json(
+    sandbox: Sandbox, session: aiohttp.ClientSession, marker_value: Any, shown: str
+) -> None:
+    sandbox.faults.add("poison", marker_field="sku_code", marker_value=marker_value)
+    cost = {**sample_event("product.cost"), "sku_code": marker_value}
+
+    status, body, _ = await post(
+        session, f"{sandbox.base_url}/1001/batch", {"product.cost": [cost]}
+    )
+
+    assert status == 400
+    assert body["errors"] == {
+        "product.cost.0.sku_code": f"event carries the poison marker sku_code={shown} (injected fault)"
+    }
+
+
 async def test_poison_works_in_counting_mode(session: aiohttp.ClientSession) -> None:
     async with Sandbox(tokens=TOKENS, validate=False, record="count") as sandbox:
         sandbox.faults.add("poison", poison_scope="event")
@@ -371,7 +401,7 @@ async def test_poison_on_tracker_path(sandbox: Sandbox, session: aiohttp.ClientS
 
     assert status == 400
     assert body["errors"] == {
-        "poison": "event carries the poison marker poison=True (injected fault)"
+        "poison": "event carries the poison marker poison=true (injected fault)"
     }
 
 
@@ -422,6 +452,7 @@ async def test_fault_endpoints(sandbox: Sandbox, session: aiohttp.ClientSession)
         ({"kind": "error", "colour": "red"}, "unknown fault field(s) colour"),
         ({"kind": "latency"}, "latency_s must be set"),
         ({"kind": "max_body"}, "max_body_bytes must be set"),
+        ({"kind": "error", "status": 200}, "status must be from 400 to 599, got 200"),
         ([1], "expected a JSON object"),
     ],
 )
@@ -473,6 +504,31 @@ def test_fault_parse_rejects_invalid_text(text: str, message: str) -> None:
         Fault.parse(text)
 
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("kind", ["error", "poison"])
+@pytest.mark.parametrize("status", [100, 200, 204, 302, 399])
+def test_failure_fault_rejects_status_below_400(kind: str, status: int) -> None:
+    with pytest.raises(ValueError) as raised:
+        Fault(kind, status=status)  # type: ignore[arg-type]
+
+    assert str(raised.value) == (
+        f"invalid {kind!r} fault: status must be from 400 to 599, got {status}: the fault "
+        "sends a failure body, and a status below 400 would not report an error"
+    )
+
+
+@pytest.mark.parametrize("kind", ["error", "poison"])
+@pytest.mark.parametrize("status", [400, 429, 503, 599])
+def test_failure_fault_accepts_error_status(kind: str, status: int) -> None:
+    assert Fault(kind, status=status).response_status == status  # type: ignore[arg-type]
+
+
+def test_poison_fault_rejects_marker_value_not_json() -> None:
+    with pytest.raises(ValueError) as raised:
+        Fault("poison", marker_value={1, 2})
+
+    assert "marker_value must be a JSON value, got {1, 2}" in str(raised.value)
 
 
 def test_fault_defaults() -> None:

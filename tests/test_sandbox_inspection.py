@@ -76,6 +76,42 @@ async def test_received_requires_site(sandbox: Sandbox, session: aiohttp.ClientS
     assert "site" in body["error"]
 
 
+@pytest.mark.parametrize("event_type", ["nosuch", "inventory", "Cart", ""])
+async def test_received_rejects_unknown_type(
+    sandbox: Sandbox, session: aiohttp.ClientSession, event_type: str
+) -> None:
+    await post(session, f"{sandbox.base_url}/1001/cart", sample_event("cart"))
+
+    status, body = await get(
+        session, f"{sandbox.url}/_sandbox/received?site=1001&type={event_type}"
+    )
+
+    assert status == 400
+    assert body["error"] == (
+        f"invalid type {event_type!r}: expected one of cart, category, customer, employee, "
+        "order, product, product.cost, product.inventory, pageview, visit"
+    )
+
+
+@pytest.mark.parametrize("event_type", ["product.inventory", "pageview"])
+async def test_received_accepts_every_event_type(
+    sandbox: Sandbox, session: aiohttp.ClientSession, event_type: str
+) -> None:
+    event = sample_event(event_type)
+    if event_type == "pageview":
+        event["site"] = "1001"
+        await post(session, f"{sandbox.base_url}/tracker/pageview", event)
+    else:
+        await post(session, f"{sandbox.base_url}/1001/inventory", event)
+
+    status, body = await get(
+        session, f"{sandbox.url}/_sandbox/received?site=1001&type={event_type}"
+    )
+
+    assert status == 200
+    assert body == [{"type": event_type, "data": event}]
+
+
 async def test_duplicates_are_kept_and_counted(
     sandbox: Sandbox, session: aiohttp.ClientSession
 ) -> None:

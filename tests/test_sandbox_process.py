@@ -10,6 +10,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -166,7 +167,52 @@ async def test_process_port_in_use_exits_1(tmp_path: Path) -> None:
 
     assert process.returncode == 1
     assert stdout == b""
-    assert f"cannot listen on 127.0.0.1:{port}".encode() in stderr
+    assert (
+        f"python -m forwarder.sandbox: error: cannot listen on 127.0.0.1:{port}: ".encode()
+        in stderr
+    )
+
+
+async def run_command(*argv: str) -> tuple[int | None, str, str]:
+    """Run `python ARGV...` to its end and return the exit status, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(20):
+        stdout, stderr = await process.communicate()
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+ENTRY_POINTS = [
+    (["-m", "forwarder.cli", "sandbox"], "jirafe-forwarder sandbox"),
+    (["-m", "forwarder.sandbox"], "python -m forwarder.sandbox"),
+]
+
+
+@pytest.mark.parametrize(("command", "prog"), ENTRY_POINTS, ids=[prog for _, prog in ENTRY_POINTS])
+async def test_missing_tokens_file_exits_2(tmp_path: Path, command: list[str], prog: str) -> None:
+    missing = tmp_path / "no-such-tokens"
+
+    code, stdout, stderr = await run_command(*command, "--tokens-file", str(missing))
+
+    assert code == 2
+    assert stdout == ""
+    assert stderr.splitlines() == [
+        f"{prog}: error: cannot read tokens file {missing}: No such file or directory"
+    ]
+
+
+@pytest.mark.parametrize(("command", "prog"), ENTRY_POINTS, ids=[prog for _, prog in ENTRY_POINTS])
+async def test_errors_start_like_argparse_errors(command: list[str], prog: str) -> None:
+    own_code, _, own_stderr = await run_command(*command, "--listen", "8080")
+    argparse_code, _, argparse_stderr = await run_command(*command, "--record", "everything")
+
+    assert own_code == 2
+    assert own_stderr.splitlines() == [
+        f"{prog}: error: invalid listen address '8080': expected HOST:PORT, such as 127.0.0.1:8080"
+    ]
+    assert argparse_code == 2
+    assert argparse_stderr.splitlines()[-1].startswith(f"{prog}: error: argument --record: ")
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -223,6 +269,7 @@ def test_options_merge_tokens_file_and_flags(tmp_path: Path) -> None:
         (["--token", "tok=abc"], "invalid site id(s) abc"),
         (["--token", "tok="], "no site after '='"),
         (["--fault", "kind=hang,rate=3"], "invalid --fault 'kind=hang,rate=3'"),
+        (["--fault", "kind=error,status=200"], "status must be from 400 to 599, got 200"),
         (["--max-body-bytes", "-1"], "invalid --max-body-bytes -1"),
     ],
 )
@@ -231,6 +278,35 @@ def test_options_reject_invalid_values(argv: list[str], message: str) -> None:
         sandbox_options(parse(*argv))
 
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda path: None, "No such file or directory"),
+        (lambda path: path.mkdir(), "Is a directory"),
+        (
+            lambda path: path.write_bytes(b"tok=1001\n\xff\n"),
+            "it is not UTF-8 text (invalid byte at offset 9)",
+        ),
+    ],
+    ids=["missing", "directory", "not UTF-8"],
+)
+def test_unreadable_tokens_file_is_named(tmp_path: Path, make: Any, reason: str) -> None:
+    path = tmp_path / "tokens"
+    make(path)
+
+    with pytest.raises(ValueError) as raised:
+        sandbox_options(parse("--tokens-file", str(path)))
+
+    assert str(raised.value) == f"cannot read tokens file {path}: {reason}"
+
+
+def test_arguments_record_parser_prog() -> None:
+    parser = argparse.ArgumentParser(prog="jirafe-forwarder sandbox")
+    add_sandbox_arguments(parser)
+
+    assert parser.parse_args([]).sandbox_prog == "jirafe-forwarder sandbox"
 
 
 def test_tokens_file_error_names_line(tmp_path: Path) -> None:

@@ -2,15 +2,18 @@
 
 Each API request goes through these steps in order, and the first step that fails
 sends the response:
-1. The size limit. A `max_body` fault may lower it, and a Content-Length over it gets
-   413. A `reset` fault aborts the connection here.
-2. Reading the body. A chunked body over the limit gets 413.
-3. The `hang`, `latency` and `error` faults of the request's site.
-4. The bearer token (403 invalid_token) and its access to the site (403 authorization).
-5. The path type (400 invalid_type), decoding (400 bad_json), batch keys (400
+1. The path. A path under /v2 that is no Event API path, or whose site id is not a
+   string of ASCII digits, gets 404 not_found once its body has been read and
+   discarded. No fault acts on it.
+2. A `reset` fault reads part of the body and aborts the connection.
+3. The size limit, which a `max_body` fault may lower. A Content-Length over it gets
+   413, and so does a chunked body once it grows over the limit while being read.
+4. The `hang`, `latency` and `error` faults of the request's site.
+5. The bearer token (403 invalid_token) and its access to the site (403 authorization).
+6. The path type (400 invalid_type), decoding (400 bad_json), batch keys (400
    invalid_type), `poison` faults and schema validation (400 validation).
 Faults act before authentication, as an outage or a proxy would. Tracker paths carry
-their site in the body, so their body is decoded before step 3, and steps 1 and 2 apply
+their site in the body, so their body is decoded before step 4, and steps 2 and 3 apply
 only the faults that are set for every site.
 """
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +30,7 @@ import orjson
 from aiohttp import web
 
 from forwarder.logs import get_logger
-from forwarder.sandbox.auth import TokenTable, bearer_token
+from forwarder.sandbox.auth import TokenTable, bearer_token, is_site_id
 from forwarder.sandbox.faults import ActiveFault, Fault, FaultSet
 from forwarder.sandbox.responses import (
     PIXEL_GIF,
@@ -104,6 +107,7 @@ class ApiHandlers:
         self.faults = faults
         self._notify = notify
         self._stopping = stopping
+        self._unknown_path_resources: list[web.AbstractResource] = []
 
     def add_routes(self, app: web.Application) -> None:
         # The tracker routes come first so that /v2/tracker/... is not read as a site id.
@@ -113,15 +117,62 @@ class ApiHandlers:
             app.router.add_get(f"/v2/tracker/{name}.gif", self.handle_pixel)
         for method in ("POST", "PUT"):
             app.router.add_route(method, "/v2/{site}/{type}", self.handle_site)
+        # Added last, so these catch only the /v2 requests that no route above matches
+        # and cost nothing on the paths that one does match. A route added later with a
+        # variable right after /v2/ would be hidden behind them.
+        for pattern in ("/v2", "/v2/{path:.*}"):
+            route = app.router.add_route("*", pattern, self.handle_unknown_path)
+            self._unknown_path_resources.append(route.resource)
 
     async def handle_site(self, request: web.Request) -> web.StreamResponse:
         site = request.match_info["site"]
         path_type = request.match_info["type"]
-        # "tracker" is not a site id: /v2/tracker/<anything but pageview or visit>.
-        return await self._serve(request, None if site == "tracker" else site, path_type)
+        if site == "tracker":
+            # /v2/tracker/<anything but pageview or visit> gets invalid_type, as a site path would.
+            return await self._serve(
+                request, None, lambda exchange: self._process(request, exchange, path_type)
+            )
+        if not is_site_id(site):
+            message = (
+                f"invalid site id {site!r} in the path {request.path}: "
+                "a site id is a string of digits, such as 1001"
+            )
+            return await self._serve(
+                request, site, lambda exchange: self._not_found(request, exchange, message)
+            )
+        return await self._serve(
+            request, site, lambda exchange: self._process(request, exchange, path_type)
+        )
 
     async def handle_tracker(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, None, request.match_info["type"], tracker=True)
+        path_type = request.match_info["type"]
+        return await self._serve(
+            request,
+            None,
+            lambda exchange: self._process(request, exchange, path_type, tracker=True),
+        )
+
+    async def handle_unknown_path(self, request: web.Request) -> web.StreamResponse:
+        """Send 404 not_found for a /v2 path that no API route matches, and log it.
+
+        Raises HTTPMethodNotAllowed, as aiohttp's router does, when the path is an API
+        path that takes other methods, such as GET /v2/1001/batch.
+        """
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource not in self._unknown_path_resources:
+                _, methods = await resource.resolve(request)
+                allowed |= methods
+        if allowed:
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
+        message = (
+            f"path {request.path} not found: the Event API paths are /v2/{{site}}/{{type}}, "
+            "/v2/{site}/batch and /v2/tracker/{pageview,visit}. "
+            "Check that the client's base URL ends in /v2."
+        )
+        return await self._serve(
+            request, None, lambda exchange: self._not_found(request, exchange, message)
+        )
 
     async def handle_pixel(self, request: web.Request) -> web.StreamResponse:
         started = time.time()
@@ -131,8 +182,12 @@ class ApiHandlers:
         )
 
     async def _serve(
-        self, request: web.Request, site: str | None, path_type: str, tracker: bool = False
+        self,
+        request: web.Request,
+        site: str | None,
+        process: Callable[[_Exchange], Awaitable[web.Response]],
     ) -> web.StreamResponse:
+        """Run `process` for an API request, then log the request and count it."""
         started = time.time()
         exchange = _Exchange(site=site, token=bearer_token(request.headers.get("Authorization")))
         self.state.in_flight += 1
@@ -140,7 +195,7 @@ class ApiHandlers:
         outcome: Outcome = "response"
         response: web.Response | None = None
         try:
-            response = await self._process(request, exchange, path_type, tracker)
+            response = await process(exchange)
         except _ConnectionGone as gone:
             outcome = gone.outcome
         except asyncio.CancelledError:
@@ -201,8 +256,15 @@ class ApiHandlers:
         )
         self._notify()
 
+    async def _not_found(
+        self, request: web.Request, exchange: _Exchange, message: str
+    ) -> web.Response:
+        # Reading the body to its end lets the client reuse the connection.
+        await self._drain(request, exchange)
+        return self._fail(exchange, 404, failure("not_found", message))
+
     async def _process(
-        self, request: web.Request, exchange: _Exchange, path_type: str, tracker: bool
+        self, request: web.Request, exchange: _Exchange, path_type: str, tracker: bool = False
     ) -> web.Response:
         limit = self.settings.max_body_bytes
         limiter = self.faults.fire("max_body", exchange.site)
@@ -527,7 +589,9 @@ def _decode(body: bytes) -> tuple[Any, str | None]:
 
 
 def _poison_message(fault: Fault) -> str:
-    return f"event carries the poison marker {fault.marker_field}={fault.marker_value!r} (injected fault)"
+    # The marker value as JSON (true, "P2"), the way the client wrote it.
+    value = orjson.dumps(fault.marker_value).decode()
+    return f"event carries the poison marker {fault.marker_field}={value} (injected fault)"
 
 
 def _site_error(payload: Any) -> dict[str, str]:

@@ -9,6 +9,12 @@ from pathlib import Path
 ANY_SITE = "*"
 
 
+def is_site_id(text: str) -> bool:
+    """Return True when `text` is a site id: one or more ASCII digits."""
+    # str.isdigit() alone would also accept superscripts and the digits of other scripts.
+    return text.isascii() and text.isdigit()
+
+
 class TokenTable:
     """Tokens mapped to the sites they may write to.
 
@@ -69,7 +75,7 @@ def parse_token_spec(text: str) -> tuple[str, frozenset[str]]:
         raise ValueError("invalid token entry: expected TOKEN=SITE[,SITE...]")
     if not sites:
         raise ValueError("invalid token entry: no site after '=' (use '*' for every site)")
-    bad = sorted(site for site in sites if site != ANY_SITE and not site.isdigit())
+    bad = sorted(site for site in sites if site != ANY_SITE and not is_site_id(site))
     if bad:
         raise ValueError(
             f"invalid site id(s) {', '.join(bad)}: site ids are digits, or '*' for every site"

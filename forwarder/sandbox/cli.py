@@ -32,6 +32,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the sandbox options to `parser` (the `sandbox` subcommand or a standalone parser)."""
+    # run_sandbox starts its error messages with the program name, as argparse does.
+    parser.set_defaults(sandbox_prog=parser.prog)
     parser.add_argument(
         "--listen",
         default=DEFAULT_LISTEN,
@@ -103,12 +105,22 @@ def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
 def sandbox_options(args: argparse.Namespace) -> dict[str, Any]:
     """Build the Sandbox keyword arguments from parsed options.
 
-    Raises ValueError on an invalid option and OSError when the tokens file cannot be read.
+    Raises ValueError on an invalid option or a tokens file that cannot be read.
     """
     host, port = parse_listen(args.listen)
     tokens: dict[str, frozenset[str]] = {}
     if args.tokens_file:
-        tokens.update(read_tokens_file(args.tokens_file))
+        try:
+            tokens.update(read_tokens_file(args.tokens_file))
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read tokens file {args.tokens_file}: {exc.strerror or exc}"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"cannot read tokens file {args.tokens_file}: it is not UTF-8 text "
+                f"(invalid byte at offset {exc.start})"
+            ) from None
     for spec in args.token:
         token, sites = parse_token_spec(spec)
         tokens[token] = tokens.get(token, frozenset()) | sites
@@ -142,18 +154,21 @@ def run_sandbox(args: argparse.Namespace) -> int:
     Configures logging from `args.log_level` and `args.log_format` when the caller's
     parser defines them (default info, auto). Prints `sandbox listening on URL` on
     stdout once the port is bound. Returns 0 after a clean stop, 1 when the address
-    cannot be bound and 2 on invalid options.
+    cannot be bound and 2 on invalid options. Error messages go to stderr and start
+    with `PROG: error:`, as argparse's do, where PROG is the program name of the parser
+    that add_sandbox_arguments extended.
     """
     configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "auto"))
+    prog = getattr(args, "sandbox_prog", "sandbox")
     try:
         options = sandbox_options(args)
-    except (ValueError, OSError) as exc:
-        print(f"sandbox: error: {exc}", file=sys.stderr)
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(options))
+    return asyncio.run(_serve(options, prog))
 
 
-async def _serve(options: dict[str, Any]) -> int:
+async def _serve(options: dict[str, Any], prog: str) -> int:
     sandbox = Sandbox(**options)
     try:
         await sandbox.start()
@@ -162,7 +177,7 @@ async def _serve(options: dict[str, Any]) -> int:
             "sandbox failed to listen", host=options["host"], port=options["port"], error=str(exc)
         )
         print(
-            f"sandbox: error: cannot listen on {options['host']}:{options['port']}: {exc.strerror or exc}",
+            f"{prog}: error: cannot listen on {options['host']}:{options['port']}: {exc.strerror or exc}",
             file=sys.stderr,
         )
         return 1

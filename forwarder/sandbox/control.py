@@ -16,6 +16,7 @@ from forwarder.logs import get_logger
 from forwarder.sandbox.faults import Fault, FaultSet
 from forwarder.sandbox.responses import json_response
 from forwarder.sandbox.state import SandboxState
+from forwarder.schemas import EVENT_TYPES
 
 log = get_logger(__name__)
 
@@ -43,16 +44,23 @@ class ControlHandlers:
         app.router.add_delete("/_sandbox/faults/{id}", self.remove_fault)
 
     async def received(self, request: web.Request) -> web.Response:
-        """Return the accepted events of `?site=` as `[{"type": ..., "data": ...}]`."""
+        """Return the accepted events of `?site=` as `[{"type": ..., "data": ...}]`.
+
+        `?type=` keeps the events of one type, named as in a batch body or a tracker path.
+        """
         site = request.query.get("site")
         if not site:
             return _error(400, "missing query parameter 'site': use /_sandbox/received?site=ID")
+        event_type = request.query.get("type")
+        if event_type is not None and event_type not in EVENT_TYPES:
+            message = f"invalid type {event_type!r}: expected one of {', '.join(EVENT_TYPES)}"
+            return _error(400, message)
         if self.state.record != "full":
             message = (
                 f"events are not kept in record mode {self.state.record!r}: read /_sandbox/stats"
             )
             return _error(409, message)
-        events = self.state.events(site, request.query.get("type"))
+        events = self.state.events(site, event_type)
         return json_response(200, [{"type": event.type, "data": event.data} for event in events])
 
     async def stats(self, request: web.Request) -> web.Response:

@@ -50,7 +50,7 @@ class Fault:
             seed and the fault id.
 
     Fields for `error` and `poison`:
-        status: HTTP status (default 503 for error, 400 for poison).
+        status: HTTP status from 400 to 599 (default 503 for error, 400 for poison).
         error_type: `error_type` of the failure body. The default is `validation` for
             400, `authorization` for 403, `too_large` for 413 and `unknown` otherwise.
         message: `message` of the failure body.
@@ -215,6 +215,11 @@ def _problems(fault: Fault) -> Iterator[str]:
         yield f"seed must be an integer or null, got {fault.seed!r}"
     if fault.status is not None and (not _is_int(fault.status) or not 100 <= fault.status <= 599):
         yield f"status must be an HTTP status from 100 to 599, got {fault.status!r}"
+    elif fault.kind in ("error", "poison") and fault.status is not None and fault.status < 400:
+        yield (
+            f"status must be from 400 to 599, got {fault.status}: the fault sends a failure "
+            f"body, and a status below 400 would not report an error"
+        )
     for name in ("error_type", "message"):
         value = getattr(fault, name)
         if value is not None and not isinstance(value, str):
@@ -244,6 +249,10 @@ def _problems(fault: Fault) -> Iterator[str]:
 
     if not isinstance(fault.marker_field, str) or not fault.marker_field:
         yield f"marker_field must be a non-empty string, got {fault.marker_field!r}"
+    try:
+        orjson.dumps(fault.marker_value)
+    except orjson.JSONEncodeError:
+        yield f"marker_value must be a JSON value, got {fault.marker_value!r:.100}"
     if fault.poison_scope not in ("request", "event"):
         yield f"poison_scope must be 'request' or 'event', got {fault.poison_scope!r}"
 
