@@ -356,28 +356,31 @@ async def test_attempt_counts_survive_restart(redis_server: RedisServer, redis_c
     async with Sandbox(tokens={"token-default": {"1001", "1002"}}) as sandbox:
         sandbox.faults.add("poison", status=503)
         env = daemon_env(redis_server.url, sandbox.base_url, **{**FAST, "retry_max_attempts": 4})
-        await push(redis_client, [poison, *[envelope("1002", "cart", n) for n in range(5)]])
+        await push(redis_client, [poison])
+        # No other traffic yet: without a success elsewhere the first process cannot
+        # tell a poison from an outage, so it only counts attempts.
         daemon = await DaemonProcess(env).start()
-        await wait_redis(lambda: _attempts(redis_client), 2)
+        await wait_until(lambda: _attempts(redis_client), lambda count: (count or 0) >= 2)
         await daemon.kill()
+        before_restart = await _attempts(redis_client)
 
         daemon = await DaemonProcess(env).start()
-        await wait_redis(lambda: _attempts(redis_client), 3)
-        # Successes of another site after the poison failed again show the API works,
-        # so the next failure, the fourth attempt in all, dead-letters it.
-        await push(redis_client, [envelope("1002", "cart", n) for n in range(5, 10)])
+        await wait_until(lambda: _attempts(redis_client), lambda count: (count or 0) > before_restart)
+        # Successes of another site now show that the API works.
+        await push(redis_client, [envelope("1002", "cart", n) for n in range(5)])
         await daemon.wait_for_log("event dead-lettered", timeout=30)
         assert await daemon.stop() == 0
         poison_requests = [record for record in sandbox.state.requests if record.site == "1001"]
-        # Without the persisted count the new process would try 4 more times (6 in all).
-        # A fifth try happens when the other site's success lands after the fourth.
-        assert len(poison_requests) in (4, 5)
-        assert sandbox.state.accepted_count("1002") == 10
+        assert len(poison_requests) >= 4
+        assert sandbox.state.accepted_count("1002") == 5
 
     dead = await dead_export(env)
-    assert [(record["reason"], record["attempts"]) for record in dead] == [
-        ("retries_exhausted", len(poison_requests))
-    ]
+    assert [record["reason"] for record in dead] == ["retries_exhausted"]
+    # The count in the dead letter covers the tries of both processes: it was kept in
+    # Redis across the kill, not restarted at 0. The kill may fall between a try and
+    # its record, so that one try can be missing.
+    assert dead[0]["attempts"] in (len(poison_requests), len(poison_requests) - 1)
+    assert dead[0]["attempts"] > before_restart + 1
 
 
 async def _attempts(client: aioredis.Redis) -> int | None:
