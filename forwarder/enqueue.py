@@ -21,7 +21,7 @@ import redis
 from forwarder.batch import single_event_size
 from forwarder.config import Config
 from forwarder.envelope import TRACKER_TYPES, EnvelopeError, parse_envelope
-from forwarder.intake import ENVELOPE_SLACK_BYTES
+from forwarder.intake import ENVELOPE_SLACK_BYTES, tracker_site_problem
 from forwarder.redis_store import Keys
 
 EXIT_ALL_PUSHED = 0
@@ -128,6 +128,8 @@ def check_line(line: bytes, config: Config, validators: dict[str, Callable[[Any]
     except EnvelopeError as exc:
         return exc.reason
     if envelope.type in TRACKER_TYPES:
+        if tracker_site_problem(line, envelope) is not None:
+            return "site_mismatch"
         size = envelope.data_length
     else:
         size = single_event_size(envelope.type, envelope.data_length)

@@ -120,7 +120,7 @@ class Intake:
                 dead.append((index, _event_meta(envelope, "event_too_large", f"{size} bytes exceed {max_bytes}", size)))
                 continue
             if envelope.type in TRACKER_TYPES:
-                problem = _tracker_site_problem(raw, envelope)
+                problem = tracker_site_problem(raw, envelope)
                 if problem is not None:
                     dead.append((index, _event_meta(envelope, "site_mismatch", problem, None)))
                     continue
@@ -194,7 +194,7 @@ class Intake:
         return None
 
 
-def _tracker_site_problem(raw: bytes, envelope: Any) -> str | None:
+def tracker_site_problem(raw: bytes, envelope: Any) -> str | None:
     """Return why a tracker event's `data.site` disagrees with its `site_id`, or None.
 
     The tracker API authorises a request by the site in its body, so a mismatch would

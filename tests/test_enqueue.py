@@ -52,7 +52,8 @@ def sample_file() -> tuple[bytes, list[bytes], dict[str, list[int]]]:
         large_event,                                     # 10 event_too_large (data over the limit)
         valid[3],                                        # 11
         b"[1, 2]",                                       # 12 not_an_object
-        valid[4],                                        # 13, no line ending at the end of the file
+        b'{"site_id":"1002","type":"visit","data":{"site":"1001"}}',  # 13 site_mismatch
+        valid[4],                                        # 14, no line ending at the end of the file
     ]
     rejected = {
         "invalid_json": [3],
@@ -60,6 +61,7 @@ def sample_file() -> tuple[bytes, list[bytes], dict[str, list[int]]]:
         "event_too_large": [7, 10],
         "missing_field": [9],
         "not_an_object": [12],
+        "site_mismatch": [13],
     }
     return b"\n".join(lines), valid, rejected
 
@@ -87,7 +89,7 @@ async def test_enqueue_mixed_file(
     assert await queue(redis_client) == valid
     assert await redis_client.lindex(KEY, -1) == valid[0]
     summary = stdout.decode()
-    assert f"pushed 5 events onto {KEY}; 6 lines rejected, 2 blank lines skipped, 13 lines read" in summary
+    assert f"pushed 5 events onto {KEY}; 7 lines rejected, 2 blank lines skipped, 14 lines read" in summary
     assert "rejected event_too_large: 2 (lines 7, 10)" in summary
     for reason, numbers in rejected.items():
         if len(numbers) == 1:
@@ -113,7 +115,7 @@ async def test_enqueue_dry_run_pushes_nothing(
                                          env=clean_env())
 
     assert code == 1, stderr.decode()
-    assert stdout.decode().startswith(f"would push {len(valid)} events onto {KEY}; 6 lines rejected")
+    assert stdout.decode().startswith(f"would push {len(valid)} events onto {KEY}; 7 lines rejected")
     assert await redis_client.exists(KEY) == 0
 
 
