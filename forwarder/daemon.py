@@ -321,6 +321,12 @@ class Daemon:
             for lane in lost:
                 log.warning("lane lease lost to another instance", lane=lane)
             await self.reap_instances()
+            if self.intake.leader:
+                # One instance sweeps: lanes whose lease expired unreleased get due again.
+                stranded = await self.redis_call(self.store.sweep_stranded_lanes)
+                if stranded:
+                    log.warning("lanes with events but no owner made due again", lanes=stranded)
+                    self.wake_scheduler()
             await asyncio.sleep(interval)
 
     def _instance_info(self) -> bytes:

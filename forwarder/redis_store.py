@@ -490,8 +490,12 @@ for _, lane in ipairs(redis.call('SMEMBERS', owned)) do
   local holder = redis.call('GET', lease)
   if holder and string.sub(holder, 1, #inst + 1) == inst .. '|' then
     redis.call('DEL', lease)
-    redis.call('ZADD', p .. ':lanes:due', 'LT', now, lane)
     released = released + 1
+  end
+  -- Also when the lease already expired: a leased lane is not in the due set, so
+  -- without this a lane whose owner died would wait for its next new event.
+  if redis.call('LLEN', p .. ':lane:' .. lane) > 0 then
+    redis.call('ZADD', p .. ':lanes:due', 'LT', now, lane)
   end
 end
 redis.call('DEL', owned)
@@ -512,6 +516,24 @@ if redis.call('LLEN', p .. ':lane:' .. lane) > 0 then
   redis.call('ZADD', p .. ':lanes:due', 'LT', now_ms(), lane)
 end
 return 1
+"""
+
+# ARGV: prefix. Makes due every lane that holds events but is neither due nor leased,
+# which happens when a lease expires without its owner releasing it (a frozen or dead
+# process). Lanes with events are the fields of {p}:lanes:bytes. Returns how many.
+_SWEEP = _COMMON + r"""
+local due = p .. ':lanes:due'
+local now = nil
+local made = 0
+for _, lane in ipairs(redis.call('HKEYS', p .. ':lanes:bytes')) do
+  if not redis.call('ZSCORE', due, lane) and redis.call('EXISTS', p .. ':lease:' .. lane) == 0
+      and redis.call('LLEN', p .. ':lane:' .. lane) > 0 then
+    now = now or now_ms()
+    redis.call('ZADD', due, now, lane)
+    made = made + 1
+  end
+end
+return made
 """
 
 # ARGV: prefix, lanes... Makes each non-empty lane due now (for example, paused lanes
@@ -635,6 +657,7 @@ class RedisStore:
         self._release_instance = client.register_script(_RELEASE_INSTANCE)
         self._release_lane = client.register_script(_RELEASE_LANE)
         self._due_now = client.register_script(_DUE_NOW)
+        self._sweep = client.register_script(_SWEEP)
         self._replay = client.register_script(_REPLAY)
         self._purge = client.register_script(_PURGE)
 
@@ -741,6 +764,9 @@ class RedisStore:
         if not lanes:
             return 0
         return int(await self._due_now(args=[self._prefix, *lanes]))
+
+    async def sweep_stranded_lanes(self) -> int:
+        return int(await self._sweep(args=[self._prefix]))
 
     async def replay_dead(self, ids: list[int]) -> int:
         if not ids:

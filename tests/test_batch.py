@@ -224,3 +224,25 @@ async def test_ack_of_an_empty_lane_releases_it(store: RedisStore) -> None:
     assert status == 0
     assert await store.client.exists(store.keys.lease(lane)) == 0
     assert await store.client.zscore(store.keys.due, lane) is None
+
+
+async def test_sweep_makes_stranded_lane_due(store: RedisStore) -> None:
+    # Leased, then the owner froze: the lease expired and nothing made the lane due.
+    await store.client.rpush(store.keys.lane("9:batch"), *_items(MIXED))
+    await store.client.hset(store.keys.lane_bytes, "9:batch", 100)
+    await store.client.zadd(store.keys.due, {"9:batch": 0})
+    [(lane, _)] = (await store.schedule("frozen", 10_000, 1)).lanes
+    await store.client.delete(store.keys.lease(lane))
+    assert await store.client.zscore(store.keys.due, lane) is None
+    assert await store.sweep_stranded_lanes() == 1
+    assert await store.client.zscore(store.keys.due, lane) is not None
+    assert await store.sweep_stranded_lanes() == 0
+
+
+async def test_release_of_dead_instance_with_expired_lease(store: RedisStore) -> None:
+    await store.client.rpush(store.keys.lane("9:visit"), *_items([("visit", {"site": "9"})]))
+    await store.client.zadd(store.keys.due, {"9:visit": 0})
+    [(lane, _)] = (await store.schedule("dead", 10_000, 1)).lanes
+    await store.client.delete(store.keys.lease(lane))
+    await store.release_instance("dead")
+    assert await store.client.zscore(store.keys.due, lane) is not None
