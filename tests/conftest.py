@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from tests.daemon_proc import DaemonProcess
+from tests.daemon_proc import DaemonProcess, StartDaemon
 from tests.servers import RedisServer
 
 
@@ -57,3 +57,13 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def start_daemon() -> StartDaemon:
+    """Start daemons as subprocesses; daemon_cleanup kills any a test leaves running."""
+
+    async def start(env: dict[str, str], args: list[str] | None = None) -> DaemonProcess:
+        return await DaemonProcess(env, args).start()
+
+    return start

@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -121,3 +121,7 @@ class DaemonProcess:
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
             await self.wait()
+
+
+# The `start_daemon` fixture's type: start(env, args=None) returns a started daemon.
+StartDaemon = Callable[..., Awaitable[DaemonProcess]]

@@ -3,38 +3,20 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import orjson
-import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder.sandbox import Sandbox
-from tests.daemon_proc import DaemonProcess, daemon_env
+from tests.daemon_proc import StartDaemon, daemon_env
 from tests.e2e import dead_export, envelope, push, wait_drained
 from tests.servers import RedisServer, free_port
 
 SITES = ["1001", "1002", "1003"]
 TYPES = ["cart", "order", "product", "pageview"]
 MALFORMED = [b"{not json", b"also not json", b'{"site_id":"1001","type":"basket","data":{}}', b"[]"]
-StartDaemon = Callable[..., Awaitable[DaemonProcess]]
-
-
-@pytest.fixture
-async def start_daemon() -> AsyncIterator[StartDaemon]:
-    """Start daemons that are killed at teardown, so that a failed test leaves none running."""
-    started: list[DaemonProcess] = []
-
-    async def start(env: dict[str, str], args: list[str] | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(env, args)
-        started.append(daemon)
-        return await daemon.start()
-
-    yield start
-    for daemon in started:
-        await daemon.kill()
 
 
 

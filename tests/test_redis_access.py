@@ -7,7 +7,7 @@ import shlex
 import shutil
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import orjson
@@ -16,28 +16,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 
 from forwarder.sandbox import Sandbox
-from tests.daemon_proc import ROOT, DaemonProcess, daemon_env
+from tests.daemon_proc import ROOT, StartDaemon, daemon_env
 from tests.e2e import envelope, push, run_cli, wait_drained, wait_redis
 from tests.servers import RedisServer, free_port
 
 OPERATIONS = Path(ROOT) / "docs" / "operations.md"
 PASSWORD = "acl-test-password-6d1f"
-StartDaemon = Callable[..., Awaitable[DaemonProcess]]
-
-
-@pytest.fixture
-async def start_daemon() -> AsyncIterator[StartDaemon]:
-    """Start daemons that are killed at teardown, so that a failed test leaves none running."""
-    started: list[DaemonProcess] = []
-
-    async def start(env: dict[str, str], args: list[str] | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(env, args)
-        started.append(daemon)
-        return await daemon.start()
-
-    yield start
-    for daemon in started:
-        await daemon.kill()
 
 
 

@@ -3,36 +3,18 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import pytest
 import redis.asyncio as aioredis
 
 from forwarder.sandbox import Sandbox
-from tests.daemon_proc import DaemonProcess, daemon_env
+from tests.daemon_proc import StartDaemon, daemon_env
 from tests.e2e import envelope, expected_order, push, received_order, wait_drained
 from tests.servers import RedisServer
 
 TOKEN_A = "token-rotation-a"
 TOKEN_B = "token-rotation-b"
 SITES = ["1001", "1002"]
-StartDaemon = Callable[..., Awaitable[DaemonProcess]]
-
-
-@pytest.fixture
-async def start_daemon() -> AsyncIterator[StartDaemon]:
-    """Start daemons that are killed at teardown, so that a failed test leaves none running."""
-    started: list[DaemonProcess] = []
-
-    async def start(env: dict[str, str], args: list[str] | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(env, args)
-        started.append(daemon)
-        return await daemon.start()
-
-    yield start
-    for daemon in started:
-        await daemon.kill()
 
 
 
@@ -147,9 +129,6 @@ async def test_reload_resumes_paused_site(
         assert daemon.logs("site lane recovered")
 
 
-# NOTE: a restarted daemon knows nothing of the pauses of the process before it, so a
-# paused site waits for its pause backoff to end. Remove this mark together with the
-# change that probes paused lanes (read from Redis) when the daemon starts.
 async def test_restart_resumes_paused_site(
     tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis, start_daemon: StartDaemon
 ) -> None:

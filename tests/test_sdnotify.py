@@ -6,33 +6,17 @@ import asyncio
 import signal
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
 
 from forwarder.sandbox import Sandbox
-from tests.daemon_proc import DaemonProcess, daemon_env
+from tests.daemon_proc import StartDaemon, daemon_env
 from tests.e2e import envelope, push
 from tests.servers import RedisServer
 
 MALFORMED = [b"{not json", b"[1]", b'{"site_id":"1001","type":"basket","data":{}}']
-StartDaemon = Callable[..., Awaitable[DaemonProcess]]
-
-
-@pytest.fixture
-async def start_daemon() -> AsyncIterator[StartDaemon]:
-    """Start daemons that are killed at teardown, so that a failed test leaves none running."""
-    started: list[DaemonProcess] = []
-
-    async def start(env: dict[str, str], args: list[str] | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(env, args)
-        started.append(daemon)
-        return await daemon.start()
-
-    yield start
-    for daemon in started:
-        await daemon.kill()
 
 
 

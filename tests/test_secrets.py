@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from forwarder.sandbox import Sandbox
-from tests.daemon_proc import DaemonProcess, daemon_env
+from tests.daemon_proc import StartDaemon, daemon_env
 from tests.e2e import envelope, push, run_cli
 from tests.servers import RedisServer, free_port
 
@@ -26,22 +26,6 @@ INVALID_TOKEN = "tok-Secret-Invalid 77"
 REDIS_PASSWORD = "tok-Secret-RedisPassword-31c9"
 TOKENS = [DEFAULT_TOKEN, REVOKED_TOKEN, ENV_TOKEN, INVALID_TOKEN, REDIS_PASSWORD]
 REDIS_USER = "forwarder-secrets-test"
-StartDaemon = Callable[..., Awaitable[DaemonProcess]]
-
-
-@pytest.fixture
-async def start_daemon() -> AsyncIterator[StartDaemon]:
-    """Start daemons that are killed at teardown, so that a failed test leaves none running."""
-    started: list[DaemonProcess] = []
-
-    async def start(env: dict[str, str], args: list[str] | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(env, args)
-        started.append(daemon)
-        return await daemon.start()
-
-    yield start
-    for daemon in started:
-        await daemon.kill()
 
 
 

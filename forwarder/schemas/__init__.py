@@ -21,20 +21,10 @@ from typing import Any
 import fastjsonschema
 import orjson
 
-# Event types sent through /v2/{site}/batch, keyed by these names in the batch body.
-BATCH_TYPES: tuple[str, ...] = (
-    "cart",
-    "category",
-    "customer",
-    "employee",
-    "order",
-    "product",
-    "product.cost",
-    "product.inventory",
-)
-# Event types sent one by one to /v2/tracker/{type}, with the site in the body.
-TRACKER_TYPES: tuple[str, ...] = ("pageview", "visit")
-EVENT_TYPES: tuple[str, ...] = BATCH_TYPES + TRACKER_TYPES
+# The batch types (sent through /v2/{site}/batch) and tracker types (sent one by one).
+from forwarder.envelope import BATCH_TYPES, EVENT_TYPES, TRACKER_TYPES
+
+__all__ = ["BATCH_TYPES", "EVENT_TYPES", "TRACKER_TYPES", "load_schema", "validator"]
 
 _SUFFIX = ".json"
 
