@@ -1,7 +1,7 @@
 """Batch bodies: assembly from already-encoded event bytes, exact sizing, and results.
 
 A batch body is `{"cart":[d1,d2],"order":[d3]}` where each `d` is the producer's
-`data` bytes, copied untouched. Sizes are exact byte counts of that encoding; the
+`data` bytes, copied untouched. Sizes are exact byte counts of that encoding. The
 Lua peek script in `redis_store` uses the same arithmetic to cut a prefix of a lane
 that fits the limit, and `tests/test_batch.py` checks both against real encodings.
 """

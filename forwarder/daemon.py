@@ -1,9 +1,9 @@
 """The daemon: wires the intake, the lane scheduler, lease renewal, observability and
 shutdown together, and supervises every background task.
 
-Nothing here holds events between steps: they wait in Redis (producer list, claimed
-list, lanes) and only in-flight request bodies are in memory, so memory does not grow
-with the backlog, the number of sites, or the length of an outage.
+Events wait in Redis between steps (producer list, claimed list, lanes), and only
+in-flight request bodies are in memory. So memory does not grow with the backlog, the
+number of sites, or the length of an outage.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 # Errors after which a Redis call is retried on a fresh connection: connection loss,
-# socket timeouts (a blackholed link), a replica answering READONLY after failover,
+# socket timeouts (a blackholed link), a replica that replies READONLY after a failover,
 # and a server still loading its data after a restart.
 REDIS_TRANSIENT = (
     redis_errors.ConnectionError,

@@ -1,7 +1,7 @@
 """Dead-letter store: reading, filtering, replaying and purging from the CLI.
 
 Writing happens inside the Lua scripts of `redis_store`, atomically with taking the
-event out of the pipeline; this module only reads and moves what is stored.
+event out of the pipeline. This module only reads and moves what is stored.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ EVENT_TYPES: tuple[str, ...] = BATCH_TYPES + TRACKER_TYPES
 TYPE_INDEX: dict[str, int] = {name: index for index, name in enumerate(EVENT_TYPES)}
 TRACKER_INDEXES = frozenset(TYPE_INDEX[name] for name in TRACKER_TYPES)
 
-# Lane kinds: all batchable types of a site share the "batch" lane; each tracker type
+# Lane kinds: all batchable types of a site share the "batch" lane. Each tracker type
 # has its own lane because tracker events are sent one per request.
 LANE_BATCH = "batch"
 

@@ -17,7 +17,7 @@ def build_app(daemon: Daemon) -> web.Application:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(request: web.Request) -> web.Response:
-        # Alive: the event loop answers and no supervised task has failed.
+        # Alive: the event loop serves this request and no supervised task has failed.
         if daemon.failed:
             return web.json_response({"status": "failed"}, status=503)
         return web.json_response({"status": "ok"})

@@ -3,7 +3,7 @@
 A lane task owns the lane's lease, reads a prefix of the lane from Redis, sends it,
 and acknowledges it. Events leave Redis only in that acknowledgement, so a crash at
 any point leaves them in the lane for the next owner. Because every request is a
-prefix of the lane, per-site per-type order holds across retries and bisection.
+prefix of the lane, per-site per-type order is kept across retries and bisection.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class LaneState:
     # acknowledged: while any remain, bisection is isolating a culprit among them and
     # the successes of their neighbours do not end the failure streak.
     suspects: int = 0
-    # Consecutive throttled answers (429 or Retry-After); they never count as attempts.
+    # Consecutive throttled responses (429 or Retry-After), which never count as attempts.
     throttles: int = 0
     state: str = "ok"
     last_error: str | None = None
@@ -101,9 +101,9 @@ class LaneSender:
                 await self._pause(peek, "no token configured for this site", None)
                 return
 
-            # Only the configured limit condemns an event unsent. A ceiling learned from a
-            # 413 limits batches; a single event above it is still sent, and only the
-            # API's own 413 for it dead-letters it.
+            # Only the configured limit dead-letters an event unsent. A ceiling learned
+            # from a 413 limits batches, but a single event above it is still sent, and
+            # only the API's own 413 for that event dead-letters it.
             if peek.count == 1 and peek.body_bytes > daemon.config.api.max_batch_bytes:
                 item = (await self._items(peek))[0]
                 meta = self._dead_meta(item, "event_too_large", None, None, peek, size=peek.body_bytes)

@@ -65,7 +65,7 @@ class RepeatLimiter:
 
     Records are identical when every field but the timestamp is equal, so dead letters
     and other records that carry ids are never merged. The first record of a key in a
-    window is written; later ones are counted and the count is attached to the next
+    window is written. Later ones are counted, and the count is attached to the next
     record written for that key as `repeated`.
     """
 

@@ -7,7 +7,7 @@ Sentinel URLs name the sentinels and the monitored service:
 
 The credentials are those of the primary; the sentinels are asked without them.
 Clients built for Sentinel find the primary on every new connection and drop their
-connections when a demoted server answers READONLY, so a failover needs no restart.
+connections when a demoted server replies READONLY, so a failover needs no restart.
 """
 
 from __future__ import annotations

@@ -261,8 +261,8 @@ return {now, next_due, leased}
 #   {status, now_ms, body_bytes, attempts record or '', count, type_sequence,
 #    data_bytes, groups}
 # status is 1, or -1 when the lease is not ours. type_sequence has one byte (the type
-# index) per event in lane order; data_bytes is the sum of the data lengths; groups is
-# a flat list of type index, list of data, in ascending type index.
+# index) per event in lane order, data_bytes is the sum of the data lengths, and groups
+# is a flat list of type index, list of data, in ascending type index.
 _PEEK = _COMMON + r"""
 local overhead = """ + _OVERHEAD_LUA + r"""
 local token = ARGV[2]
@@ -550,32 +550,18 @@ end
 return made
 """
 
-# ARGV: prefix, dead-letter ids... Moves each dead letter back to the producer end of
-# the queue and deletes it, one atomic step for the whole call. Returns how many.
-_REPLAY = r"""
+# ARGV: prefix, "replay" or "purge", dead-letter ids... Deletes each dead letter, after
+# pushing it back at the producer end of the queue for "replay"; one atomic step for
+# the whole call. Returns how many were found.
+_REMOVE_DEAD = r"""
 local p = ARGV[1]
-local moved = 0
-for i = 2, #ARGV do
-  local key = p .. ':dead:' .. ARGV[i]
-  local raw, meta = unpack(redis.call('HMGET', key, 'raw', 'meta'))
-  if raw then
-    redis.call('LPUSH', p .. ':events', raw)
-    redis.call('DEL', key)
-    redis.call('ZREM', p .. ':dead:index', ARGV[i])
-    redis.call('DECRBY', p .. ':dead:bytes', #raw + #meta)
-    moved = moved + 1
-  end
-end
-return moved
-"""
-
-_PURGE = r"""
-local p = ARGV[1]
+local replay = ARGV[2] == 'replay'
 local removed = 0
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local key = p .. ':dead:' .. ARGV[i]
   local raw, meta = unpack(redis.call('HMGET', key, 'raw', 'meta'))
   if raw then
+    if replay then redis.call('LPUSH', p .. ':events', raw) end
     redis.call('DEL', key)
     redis.call('ZREM', p .. ':dead:index', ARGV[i])
     redis.call('DECRBY', p .. ':dead:bytes', #raw + #meta)
@@ -658,8 +644,7 @@ class RedisStore:
         self._release_lane = client.register_script(_RELEASE_LANE)
         self._due_now = client.register_script(_DUE_NOW)
         self._sweep = client.register_script(_SWEEP)
-        self._replay = client.register_script(_REPLAY)
-        self._purge = client.register_script(_PURGE)
+        self._remove_dead = client.register_script(_REMOVE_DEAD)
 
     async def acquire_leadership(self, instance: str, ttl_ms: int) -> bool:
         leader = self.keys.leader
@@ -771,9 +756,9 @@ class RedisStore:
     async def replay_dead(self, ids: list[int]) -> int:
         if not ids:
             return 0
-        return int(await self._replay(args=[self._prefix, *ids]))
+        return int(await self._remove_dead(args=[self._prefix, "replay", *ids]))
 
     async def purge_dead(self, ids: list[int]) -> int:
         if not ids:
             return 0
-        return int(await self._purge(args=[self._prefix, *ids]))
+        return int(await self._remove_dead(args=[self._prefix, "purge", *ids]))

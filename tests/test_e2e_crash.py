@@ -275,7 +275,7 @@ async def test_redis_readonly_failover_survived(own_redis: RedisServer) -> None:
     async with Sandbox(tokens={"token-default": set(SITES)}, validate=False) as sandbox:
         env = daemon_env(own_redis.url, sandbox.base_url, **FAST)
         daemon = await DaemonProcess(env).start()
-        # A replica of a master that cannot be reached keeps its data but answers
+        # A replica of a master that cannot be reached keeps its data but replies
         # READONLY to writes, as a demoted primary does during a failover.
         await push(client, entries[:1000])
         await sandbox.wait_for(lambda state: state.total_accepted >= 200, timeout=30)
@@ -318,7 +318,7 @@ async def test_hostile_entries_contained_across_restart(
         await sandbox.wait_for(lambda state: state.total_accepted >= 100, timeout=60)
         await wait_drained(redis_client)
         assert await daemon.stop() == 0
-        # The kill may have come between the API's answer and the acknowledgement.
+        # The kill may have come between the API's response and the acknowledgement.
         assert first_occurrence_order(sandbox) == {("1001", "cart"): list(range(100))}
         assert sandbox.state.total_duplicates <= 50
 
