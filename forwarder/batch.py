@@ -1,9 +1,9 @@
 """Batch bodies: assembly from already-encoded event bytes, exact sizing, and results.
 
 A batch body is `{"cart":[d1,d2],"order":[d3]}` where each `d` is the producer's
-`data` bytes, copied untouched. Sizes are exact byte counts of that encoding. The
-Lua peek script in `redis_store` uses the same arithmetic to cut a prefix of a lane
-that fits the limit, and `tests/test_batch.py` checks both against real encodings.
+`data` bytes, copied untouched. Sizes are exact byte counts of that encoding.
+`blocks.take_prefix` uses the same arithmetic to cut a prefix of a lane that fits the
+limit, and `tests/test_batch.py` checks both against real encodings.
 """
 
 from __future__ import annotations
@@ -74,14 +74,6 @@ def build_batch(items: Sequence[Item]) -> BatchBody:
     )
 
 
-def build_body(groups: list[tuple[int, list[bytes]]]) -> bytes:
-    """Assemble a batch body from `data` grouped by type index, as the peek script returns it.
-
-    This is the hot path: one join per type, no Python work per event.
-    """
-    return b"{" + b",".join([_TYPE_PREFIX[index] + b",".join(datas) + b"]" for index, datas in groups]) + b"}"
-
-
 @dataclass(slots=True, frozen=True)
 class EventResult:
     ok: bool
@@ -134,7 +126,7 @@ _SUCCESS = {"success": True}
 
 
 def read_failures(
-    body: bytes, groups: list[tuple[int, list[bytes]]], type_sequence: bytes
+    body: bytes, type_counts: list[tuple[int, int]], type_sequence: bytes
 ) -> list[tuple[int, EventResult]] | None:
     """Return the failed events of a 200 batch response as (lane position, result).
 
@@ -149,9 +141,9 @@ def read_failures(
     if not isinstance(parsed, dict):
         return None
     failed_types: list[tuple[int, list[Any]]] = []
-    for type_index, datas in groups:
+    for type_index, count in type_counts:
         elements = parsed.get(EVENT_TYPES[type_index])
-        if not isinstance(elements, list) or len(elements) != len(datas):
+        if not isinstance(elements, list) or len(elements) != count:
             return None
         # Fast path: list.count compares in C, so an all-success array costs no Python loop.
         if elements.count(_SUCCESS) != len(elements):

@@ -150,8 +150,8 @@ class Daemon:
     async def redis_call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Call a Redis operation, retrying transient failures with backoff until forced to stop.
 
-        Every script is safe to repeat: claim returns left-overs, route and ack carry ids
-        that make a second application a no-op, so a reply lost with the connection
+        Every operation is safe to repeat: reads change nothing, and route and ack carry
+        ids that make a second application a no-op, so a reply lost with the connection
         never pops events twice.
         """
         failures = 0
@@ -405,11 +405,11 @@ class Daemon:
         if lanes:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for lane in lanes:
-                    pipe.llen(self.store.keys.lane(lane))
+                    pipe.hget(self.store.keys.lane_count, lane)
                 lengths = await pipe.execute()
             for lane, length in zip(lanes, lengths, strict=True):
                 site, kind = split_lane(lane)
-                self.metrics.lane_backlog.labels(site, kind).set(length)
+                self.metrics.lane_backlog.labels(site, kind).set(int(length or 0))
         for lane in reset:
             site, kind = split_lane(lane)
             self.metrics.lane_backlog.labels(site, kind).set(0)

@@ -1,22 +1,32 @@
-"""The intake: claims entries from the producer list and routes them to site lanes.
+"""The intake: reads entries from the producer list and routes them to site lanes.
 
 One instance at a time is the intake leader, so that entries are routed in exactly
-the order producers pushed them, also when several instances share one queue. A
-chunk stays in `{p}:intake:claimed` from claim until route; whoever is leader next
-routes a left-over chunk first, so a crash between the two loses and reorders nothing.
+the order producers pushed them, also when several instances share one queue. The
+leader reads the oldest entries without removing them, and one script removes them
+and appends them to their lanes, so a crash between the two loses and reorders nothing.
 """
 
 from __future__ import annotations
 
 import itertools
-import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import orjson
 
 from forwarder.batch import single_event_size
-from forwarder.envelope import TRACKER_TYPES, TYPE_INDEX, EnvelopeError, parse_envelope
+from forwarder.blocks import MAX_BLOCK_EVENTS, BlockBuilder
+from forwarder.envelope import (
+    TRACKER_TYPES,
+    TYPE_INDEX,
+    EnvelopeError,
+    decode_envelope,
+    find_data,
+    parse_envelope,
+    split_lane,
+)
 from forwarder.logs import get_logger
 from forwarder.metrics import DEAD_REASONS, bounded
 
@@ -27,11 +37,22 @@ log = get_logger(__name__)
 
 # Slack on top of max_batch_bytes for the envelope around `data` (site_id, type, id).
 ENVELOPE_SLACK_BYTES = 4096
-# The route script addresses claimed entries with 2-byte indexes, and keeps a chunk's
-# items in memory while it pushes them.
+# The daemon holds a chunk's entries in memory while it routes them, so a chunk is
+# bounded by count and, from the sizes of the previous chunk, by bytes.
 MAX_CHUNK_EVENTS = 5000
-# Per routed event: its index in the claimed list, then the lane item header.
-ROUTE_ENTRY = struct.Struct(">HBII")
+CHUNK_BYTES = 16 * 1024 * 1024
+# Site and type pairs remembered for the fast path; the cache starts over when full.
+MAX_ROUTES = 10_000
+
+
+@dataclass(slots=True, frozen=True)
+class _Route:
+    """Where events of one site and batch type go, known valid from an earlier full check."""
+
+    lane: str
+    type_index: int
+    # Bytes a batch body of one such event has besides its data.
+    overhead: int
 
 
 class Intake:
@@ -39,6 +60,9 @@ class Intake:
         self.daemon = daemon
         self.leader = False
         self._chunk_ids = itertools.count()
+        self._routes: dict[tuple[str | int, str], _Route] = {}
+        # Mean size of the entries of the last chunk.
+        self._entry_bytes = 1
         self._validators: dict[str, Callable[[Any], Any]] = {}
 
     async def run(self) -> None:
@@ -47,7 +71,10 @@ class Intake:
         while not daemon.stopping.is_set():
             # Read on every pass, so that a reload's limits apply to the next claim.
             config = daemon.config
-            chunk = min(config.batch.intake_chunk_events, MAX_CHUNK_EVENTS)
+            # NOTE: the first read after a run of small entries can still bring a
+            # chunk of large ones into memory; the next read is then cut down.
+            chunk = min(config.batch.intake_chunk_events, MAX_CHUNK_EVENTS,
+                        max(1, CHUNK_BYTES // self._entry_bytes))
             if not self.leader:
                 self.leader = await daemon.redis_call(
                     store.acquire_leadership, daemon.instance_id, daemon.lease_ttl_ms
@@ -56,21 +83,11 @@ class Intake:
                     await daemon.wait_stopping(config.lease.renew_interval_s)
                     continue
                 log.info("intake leadership acquired", instance=daemon.instance_id)
-            status, items, oversized = await daemon.redis_call(
-                store.claim, daemon.instance_id, chunk, config.dead_letter.max_entries,
-                config.dead_letter.max_bytes, config.api.max_batch_bytes + ENVELOPE_SLACK_BYTES,
-                daemon.lease_ttl_ms,
+                await self._hand_back_claimed()
+            readable, items = await daemon.redis_call(
+                store.read_chunk, chunk, config.dead_letter.max_entries, config.dead_letter.max_bytes,
             )
-            if oversized:
-                daemon.metrics.events_dead.labels("invalid", "unknown", "event_too_large").inc(oversized)
-                log.warning("queue entries over the size limit dead-lettered without reading them",
-                            entries=oversized,
-                            max_entry_bytes=config.api.max_batch_bytes + ENVELOPE_SLACK_BYTES)
-            if status == -1:
-                log.warning("intake leadership lost", instance=daemon.instance_id)
-                self.leader = False
-                continue
-            if status == -2:
+            if not readable:
                 daemon.set_dead_full(True)
                 log.error("dead-letter store is full: intake stopped until dead letters are replayed or purged",
                           max_entries=config.dead_letter.max_entries)
@@ -78,77 +95,74 @@ class Intake:
                 continue
             daemon.set_dead_full(False)
             if not items:
-                # Block until a producer pushes; BLMOVE moves the entry into the claimed
-                # list atomically, so it is safe even if this process dies right after.
+                # Block until a producer pushes. Moving the oldest entry to the same end
+                # of the same list changes nothing, so no entry ever leaves Redis here.
                 await daemon.redis_call(
-                    daemon.redis.blmove, store.keys.events, store.keys.claimed,
+                    daemon.redis.blmove, store.keys.events, store.keys.events,
                     config.redis.block_timeout_s, "RIGHT", "RIGHT",
                 )
                 continue
+            self._entry_bytes = max(1, sum(map(len, items)) // len(items))
             await self.route(items)
+
+    async def _hand_back_claimed(self) -> None:
+        # Entries claimed by an earlier version, which moved chunks to a claimed list.
+        returned = await self.daemon.redis_call(self.daemon.store.return_claimed, self.daemon.instance_id)
+        if returned > 0:
+            log.info("claimed entries handed back to the queue", events=returned)
 
     async def route(self, items: list[bytes]) -> None:
         daemon = self.daemon
         config = daemon.config
         max_bytes = config.api.max_batch_bytes
-        validate = config.batch.validate_events
-        lanes: dict[str, list[Any]] = {}
-        dead: list[tuple[int, bytes]] = []
-        received: dict[tuple[str, str], int] = {}
         max_entry_bytes = max_bytes + ENVELOPE_SLACK_BYTES
+        builders: dict[str, BlockBuilder] = {}
+        dead: list[tuple[int, bytes]] = []
+        routes = self._routes
+        if config.batch.validate_events:
+            routes = {}
+        decode = decode_envelope
         for index, raw in enumerate(items):
-            if len(raw) > max_entry_bytes:
-                # Too large to send whatever it holds: not worth parsing (an entry moved
-                # by BLMOVE reaches here without the claim script's size check).
-                dead.append((index, orjson.dumps({
-                    "reason": "event_too_large", "size": len(raw), "site_id": None, "type": None,
-                    "status": None, "attempts": 0,
-                    "detail": f"queue entry of {len(raw)} bytes exceeds {max_entry_bytes} bytes",
-                })))
-                continue
-            try:
-                envelope = parse_envelope(raw)
-            except EnvelopeError as exc:
-                dead.append((index, _envelope_meta(exc.reason, exc.detail, raw)))
-                continue
-            size = (
-                envelope.data_length
-                if envelope.type in TRACKER_TYPES
-                else single_event_size(envelope.type, envelope.data_length)
-            )
-            if size > max_bytes:
-                dead.append((index, _event_meta(envelope, "event_too_large", f"{size} bytes exceed {max_bytes}", size)))
-                continue
-            if envelope.type in TRACKER_TYPES:
-                problem = tracker_site_problem(raw, envelope)
-                if problem is not None:
-                    dead.append((index, _event_meta(envelope, "site_mismatch", problem, None)))
-                    continue
-            if validate:
-                problem = self._validate(envelope.type, raw, envelope.data_offset, envelope.data_length)
-                if problem is not None:
-                    dead.append((index, _event_meta(envelope, "schema_validation", problem, None)))
-                    continue
-            lane = envelope.lane
-            entry = lanes.get(lane)
-            if entry is None:
-                entry = lanes[lane] = [0, 0, bytearray()]
-            entry[0] += 1
-            entry[1] += envelope.data_length + 1
-            # The route script rebuilds the item from this header and the claimed entry,
-            # so the entry's bytes are not sent back to Redis.
-            entry[2] += ROUTE_ENTRY.pack(index, envelope.type_index, envelope.data_offset, envelope.data_length)
-            key = (envelope.site_id, envelope.type)
-            received[key] = received.get(key, 0) + 1
+            # Fast path: an ASCII envelope of a batch type for a site and type routed
+            # before (so both are known to be valid), with schema validation off. It
+            # skips the checks that parse_envelope repeats for every entry; anything
+            # else, and every problem, takes the full path.
+            if raw.isascii() and len(raw) <= max_entry_bytes:
+                try:
+                    envelope = decode(raw)
+                except (msgspec.DecodeError, RecursionError):
+                    envelope = None
+                if envelope is not None:
+                    route = routes.get((envelope.site_id, envelope.type))
+                    if route is not None:
+                        data = envelope.data
+                        offset = find_data(raw, data)
+                        if raw[offset] == 123 and len(data) + route.overhead <= max_bytes:
+                            builder = builders.get(route.lane)
+                            if builder is None:
+                                builder = builders[route.lane] = BlockBuilder()
+                            builder.add(route.type_index, raw, data, offset)
+                            continue
+            self._route_entry(index, raw, builders, dead)
 
+        routed = {
+            lane: (builder.events, builder.data_bytes + builder.events, builder.finish())
+            for lane, builder in builders.items()
+        }
         chunk_id = f"{daemon.instance_id}:{next(self._chunk_ids)}"
-        result = await daemon.redis_call(
-            daemon.store.route, daemon.instance_id, chunk_id, len(items), config.batch.linger_ms,
-            config.batch.max_events, daemon.byte_ceiling, config.dead_letter.max_entries,
-            config.dead_letter.max_bytes, lanes, dead,
-        )
+        while True:
+            result = await daemon.redis_call(
+                daemon.store.route, daemon.instance_id, chunk_id, len(items), items[0], config.batch.linger_ms,
+                config.batch.max_events, daemon.byte_ceiling, config.dead_letter.max_entries,
+                config.dead_letter.max_bytes, routed, dead,
+            )
+            # A watched key changed (a lease renewal, a dead letter written by a lane):
+            # try again, and the checks decide afresh.
+            if result != -4:
+                break
         if result == -1:
-            log.warning("intake leadership lost before routing; the next leader routes the chunk")
+            log.warning("intake leadership lost", instance=daemon.instance_id,
+                        detail="the chunk stays in the queue for the next leader")
             self.leader = False
             return
         if result == -2:
@@ -158,11 +172,14 @@ class Intake:
             await daemon.wait_stopping(1.0)
             return
         if result == -3:
-            log.error("claimed list changed under the intake leader; re-reading it", events=len(items))
+            log.error("oldest queue entry changed under the intake leader; re-reading the queue", events=len(items))
             return
         metrics = daemon.metrics
-        for (site, event_type), number in received.items():
-            metrics.events_received.labels(site, event_type).inc(number)
+        for lane, builder in builders.items():
+            site = split_lane(lane)[0]
+            for type_index, number in enumerate(builder.type_counts):
+                if number:
+                    metrics.count_received(site, type_index, number)
         for index, meta in dead:
             record = orjson.loads(meta)
             # Label values come from producer input here, so only well-formed site ids
@@ -178,6 +195,59 @@ class Intake:
                         site=record.get("site_id"), type=record.get("type"), entry_bytes=len(items[index]))
         daemon.routed_total += len(items)
         daemon.wake_scheduler()
+
+    def _route_entry(self, index: int, raw: bytes, builders: dict[str, BlockBuilder],
+                     dead: list[tuple[int, bytes]]) -> None:
+        """Check one entry in full and add it to its lane, or to `dead` with the reason."""
+        config = self.daemon.config
+        max_bytes = config.api.max_batch_bytes
+        max_entry_bytes = max_bytes + ENVELOPE_SLACK_BYTES
+        if len(raw) > max_entry_bytes:
+            # Too large to send whatever it holds: not worth parsing.
+            # NOTE: the entry was read into memory once to get here.
+            dead.append((index, orjson.dumps({
+                "reason": "event_too_large", "size": len(raw), "site_id": None, "type": None,
+                "status": None, "attempts": 0,
+                "detail": f"queue entry of {len(raw)} bytes exceeds {max_entry_bytes} bytes",
+            })))
+            return
+        try:
+            envelope = parse_envelope(raw)
+        except EnvelopeError as exc:
+            dead.append((index, _envelope_meta(exc.reason, exc.detail, raw)))
+            return
+        tracker = envelope.type in TRACKER_TYPES
+        size = envelope.data_length if tracker else single_event_size(envelope.type, envelope.data_length)
+        if size > max_bytes:
+            dead.append((index, _event_meta(envelope, "event_too_large", f"{size} bytes exceed {max_bytes}", size)))
+            return
+        if tracker:
+            problem = tracker_site_problem(raw, envelope)
+            if problem is not None:
+                dead.append((index, _event_meta(envelope, "site_mismatch", problem, None)))
+                return
+        if config.batch.validate_events:
+            problem = self._validate(envelope.type, raw, envelope.data_offset, envelope.data_length)
+            if problem is not None:
+                dead.append((index, _event_meta(envelope, "schema_validation", problem, None)))
+                return
+        lane = envelope.lane
+        builder = builders.get(lane)
+        if builder is None:
+            # A tracker lane sends one event per request, so each event is its own block
+            # and an ack never rewrites one.
+            builder = builders[lane] = BlockBuilder(max_events=1 if tracker else MAX_BLOCK_EVENTS)
+        view = memoryview(raw)
+        offset = envelope.data_offset
+        builder.add(envelope.type_index, raw, view[offset : offset + envelope.data_length], offset)
+        if not tracker and not config.batch.validate_events:
+            if len(self._routes) >= MAX_ROUTES:
+                self._routes.clear()
+            # Keyed by the values as decoded (a site id may be a JSON number).
+            site_key = decode_envelope(raw).site_id
+            self._routes[(site_key, envelope.type)] = _Route(
+                lane, envelope.type_index, single_event_size(envelope.type, 0)
+            )
 
     def _validate(self, event_type: str, raw: bytes, offset: int, length: int) -> str | None:
         validator = self._validators.get(event_type)

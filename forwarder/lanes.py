@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from forwarder.backoff import backoff_delay_s, throttle_delay_s
-from forwarder.batch import build_body, read_failures
-from forwarder.envelope import EVENT_TYPES, LANE_BATCH, Item, decode_item, split_lane
+from forwarder.batch import read_failures
+from forwarder.blocks import encode_block
+from forwarder.envelope import LANE_BATCH, Item, split_lane
 from forwarder.logs import get_logger
 from forwarder.metrics import DEAD_REASONS, OUTCOMES, bounded
 from forwarder.outcome import Action, Outcome
@@ -53,6 +54,8 @@ class LaneState:
     state: str = "ok"
     last_error: str | None = None
     last_success_ms: int | None = None
+    # Events per lane element seen in the last read, which sizes the next read.
+    events_per_block: float = 8.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def state_json(self) -> bytes:
@@ -87,8 +90,11 @@ class LaneSender:
         while True:
             max_count = 1 if self.tracker else self.state.cap_events
             peek = await daemon.redis_call(
-                store.peek, self.lease_token, self.lane, max_count, daemon.byte_ceiling
+                store.peek, self.lease_token, self.lane, max_count, daemon.byte_ceiling,
+                self.state.events_per_block,
             )
+            if peek.prefix.count:
+                self.state.events_per_block = peek.prefix.count / len(peek.prefix.sources)
             if peek.status < 0:
                 log.info("lane lease lost", lane=self.lane)
                 return
@@ -105,17 +111,16 @@ class LaneSender:
             # from a 413 limits batches, but a single event above it is still sent, and
             # only the API's own 413 for that event dead-letters it.
             if peek.count == 1 and peek.body_bytes > daemon.config.api.max_batch_bytes:
-                item = (await self._items(peek))[0]
+                item = self._items(peek)[0]
                 meta = self._dead_meta(item, "event_too_large", None, None, peek, size=peek.body_bytes)
                 if not await self._ack(peek, 1, [(0, meta)], keep_lease=True):
                     return
                 continue
 
+            body = peek.prefix.body(self.tracker)
             if self.tracker:
-                body = peek.groups[0][1][0]
                 url = daemon.api.tracker_url(self.kind)
             else:
-                body = build_body(peek.groups)
                 url = daemon.api.batch_url(self.site_id)
 
             async with daemon.request_slots:
@@ -131,10 +136,13 @@ class LaneSender:
                     await daemon.redis_call(store.release_instance_lane, self.lease_token, self.lane)
                 return
 
-    async def _items(self, peek: Peek) -> list[Item]:
-        """Read the prefix's full items (type, raw envelope), needed only to dead-letter some."""
-        raws = await self.daemon.redis_call(self.daemon.store.lane_items, self.lane, peek.count)
-        return [decode_item(raw) for raw in raws]
+    def _items(self, peek: Peek) -> list[Item]:
+        """Return the prefix's events with their envelopes, needed only to dead-letter some."""
+        items = []
+        for type_index, envelope, offset, length in peek.prefix.events():
+            view = memoryview(envelope)
+            items.append(Item(type_index, view, view[offset : offset + length]))
+        return items
 
     async def _handle(self, outcome: Outcome, payload: bytes, peek: Peek, size: int) -> bool:
         """Act on one outcome; return True when the lane task keeps the lease for another batch."""
@@ -147,13 +155,13 @@ class LaneSender:
         if action in (Action.RESULTS, Action.ACCEPTED):
             dead: list[tuple[int, bytes]] = []
             if action is Action.RESULTS and not self.tracker:
-                failures = read_failures(payload, peek.groups, peek.type_sequence)
+                failures = read_failures(payload, peek.prefix.type_counts(), peek.type_sequence)
                 if failures is None:
                     daemon.metrics.unreadable_results.inc()
                     log.warning("batch response without per-event results, all events acknowledged",
                                 lane=self.lane, events=count, status=outcome.status)
                 elif failures:
-                    items = await self._items(peek)
+                    items = self._items(peek)
                     for position, result in failures:
                         reason = result.error_type or "rejected"
                         dead.append((position, self._dead_meta(
@@ -181,7 +189,7 @@ class LaneSender:
                          reason=outcome.reason, status=outcome.status)
                 return True
             reason = "event_too_large" if action is Action.TOO_LARGE else outcome.reason
-            item = (await self._items(peek))[0]
+            item = self._items(peek)[0]
             meta = self._dead_meta(item, reason, outcome.status, payload, peek, size=size)
             return await self._ack(peek, 1, [(0, meta)], keep_lease=True)
 
@@ -233,7 +241,7 @@ class LaneSender:
         outage_expired = peek.now_ms - first_ms >= config.retry.max_outage_s * 1000
         if (attempts >= config.retry.max_attempts and others_succeed) or outage_expired:
             reason = "max_outage_exceeded" if outage_expired and not others_succeed else "retries_exhausted"
-            item = (await self._items(peek))[0]
+            item = self._items(peek)[0]
             meta = self._dead_meta(item, reason, outcome.status, payload, peek, attempts=attempts,
                                    detail=state.last_error)
             return await self._ack(peek, 1, [(0, meta)], keep_lease=True,
@@ -307,20 +315,26 @@ class LaneSender:
         daemon = self.daemon
         config = daemon.config
         now_ms = peek.now_ms
-        # The same measure the route script added per item: data bytes plus a comma.
-        popped_bytes = peek.data_bytes + peek.count if pop_count else 0
+        dead_letters: list[tuple[bytes, bytes]] = []
+        back: tuple[bytes, int, int] = (b"", 0, 0)
+        if dead:
+            events = peek.prefix.events()
+            failed = [events[position] for position, _ in dead]
+            dead_letters = [(events[position][1], meta) for position, meta in dead]
+            back = (encode_block(failed), len(failed), sum(length + 1 for _, _, _, length in failed))
         if dead and pop_count == 1:
             # Settle the dead-lettered head first, so that the state stored with this
             # ack is already "ok" when nothing else failed.
             self._settled(1)
         ack_id = f"{daemon.instance_id}:{next(_ack_ids)}"
         status, _ = await daemon.redis_call(
-            daemon.store.ack, self.lease_token, self.lane, ack_id, pop_count, popped_bytes,
+            daemon.store.ack, self.lease_token, self.lane, ack_id, peek.prefix, pop_count > 0,
             # A tracker lane sends one event per request, so any event left is a full
             # request's worth and the lease is kept for it.
             now_ms + config.batch.linger_ms, 1 if self.tracker else config.batch.max_events, daemon.byte_ceiling,
             config.dead_letter.max_entries, config.dead_letter.max_bytes, daemon.lease_ttl_ms,
-            keep_lease and not daemon.stopping.is_set(), self.state.state_json(), dead, keep_failure_start,
+            keep_lease and not daemon.stopping.is_set(), self.state.state_json(), dead_letters, back,
+            keep_failure_start,
         )
         self.last_ack_status = status
         if status == -2:
@@ -378,10 +392,10 @@ class LaneSender:
             type_index = peek.type_sequence[position]
             failed_by_type[type_index] = failed_by_type.get(type_index, 0) + 1
         delivered = 0
-        for type_index, datas in peek.groups:
-            number = len(datas) - failed_by_type.get(type_index, 0)
+        for type_index, count in peek.prefix.type_counts():
+            number = count - failed_by_type.get(type_index, 0)
             if number:
-                self.daemon.metrics.events_delivered.labels(self.site_id, EVENT_TYPES[type_index]).inc(number)
+                self.daemon.metrics.count_delivered(self.site_id, type_index, number)
                 delivered += number
         self.daemon.delivered_total += delivered
 

@@ -7,7 +7,11 @@ Counters are incremented once per chunk or batch, never once per event.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from forwarder.envelope import EVENT_TYPES
 
 DEAD_REASONS = frozenset(
     {
@@ -41,6 +45,8 @@ class Metrics:
         self.events_delivered = Counter(
             "jirafe_forwarder_events_delivered", "Events the API accepted.", ["site", "type"], registry=r
         )
+        self._received: dict[tuple[str, int], Any] = {}
+        self._delivered: dict[tuple[str, int], Any] = {}
         self.events_dead = Counter(
             "jirafe_forwarder_events_dead_lettered", "Events written to the dead-letter store.",
             ["site", "type", "reason"], registry=r,
@@ -95,6 +101,21 @@ class Metrics:
             registry=r,
         )
         self.up = Gauge("jirafe_forwarder_ready", "1 once Redis is reachable and the pipeline runs.", registry=r)
+
+    def count_received(self, site: str, type_index: int, number: int) -> None:
+        self._child(self._received, self.events_received, site, type_index).inc(number)
+
+    def count_delivered(self, site: str, type_index: int, number: int) -> None:
+        self._child(self._delivered, self.events_delivered, site, type_index).inc(number)
+
+    @staticmethod
+    def _child(cache: dict[tuple[str, int], Any], counter: Counter, site: str, type_index: int) -> Any:
+        # Counted per chunk and per batch for each site and type: labels() validates and
+        # locks on every call, so its result is kept.
+        child = cache.get((site, type_index))
+        if child is None:
+            child = cache[(site, type_index)] = counter.labels(site, EVENT_TYPES[type_index])
+        return child
 
     def set_site_state(self, site: str, lane: str, state: str) -> None:
         for name in SITE_STATES:

@@ -4,22 +4,25 @@ Data flow, each step one atomic script so that a crash between any two leaves ev
 event in exactly one place:
 
     {p}:events            producers LPUSH; the oldest entry is at the right end
-      -> claim            the intake leader moves a chunk to {p}:intake:claimed
-      -> route            parsed entries go to per-lane lists {p}:lane:<site>:<kind>
-                          (envelope problems go to the dead-letter store instead)
+      -> route            the intake leader reads the oldest entries with LRANGE,
+                          parses them, and one script moves them as blocks to per-lane
+                          lists {p}:lane:<site>:<kind> (envelope problems go to the
+                          dead-letter store instead)
       -> peek / ack       the lane's lease owner reads a prefix, sends it, and only
-                          then pops it (ack) or moves elements to dead letters
+                          then pops it (ack) or moves events to dead letters
 
 Keys (p is `redis.key_prefix`; a prefix in braces keeps every key in one cluster slot):
     {p}:events              list, the producer queue
-    {p}:intake:claimed      list, entries claimed by the intake leader, not yet routed
+    {p}:intake:claimed      list, entries claimed by versions before blocks; a new
+                            leader hands them back to the queue
     {p}:intake:leader       string with TTL, the instance id of the intake leader
     {p}:intake:routed       string, id of the last routed chunk (makes route idempotent)
-    {p}:lane:<lane>         list of items (envelope.ITEM_HEADER + producer bytes)
+    {p}:lane:<lane>         list of blocks of events (format in blocks.py)
     {p}:lease:<lane>        string with TTL, the lease token ("<instance id>|<n>") of the owner
     {p}:lanes:lease_seq     counter that makes each lease token unique
     {p}:lanes:due           zset lane -> Redis time (ms) when the lane should be sent
-    {p}:lanes:bytes         hash lane -> approximate bytes queued (size trigger only)
+    {p}:lanes:bytes         hash lane -> data bytes queued plus one per event (size trigger)
+    {p}:lanes:count         hash lane -> events queued
     {p}:lanes:attempts      hash lane -> "attempts,first_ms,last_ms" of the lane's head
     {p}:lanes:state         hash lane -> JSON state for `status` (ok, retrying, paused)
     {p}:lanes:acked         hash lane -> id of the last applied ack (idempotent acks)
@@ -39,16 +42,15 @@ them in KEYS; that works on one server and on a cluster only with a braced prefi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import ceil
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
-from forwarder.envelope import BATCH_TYPES, EVENT_TYPES, ITEM_HEADER_SIZE
-
-# Lua: `"type":[` plus `]` for each batch type index (1-based in Lua), as in batch.py.
-_OVERHEAD_LUA = "{" + ",".join(str(len(name) + 5) for name in BATCH_TYPES) + "}"
-_TRACKER_FIRST_INDEX = len(BATCH_TYPES)
-assert len(EVENT_TYPES) < 256
+from forwarder.blocks import Block, Prefix, decode_block, take_prefix
 
 _COMMON = r"""
 local p = ARGV[1]
@@ -71,135 +73,39 @@ local function dead_letter(raw, meta, now)
 end
 """
 
-# ARGV: prefix, instance, max_count, dl_max_entries, dl_max_bytes, max_entry_bytes, ttl_ms
-# Returns {status, items, oversized}: 1 with the chunk to route (left-over claimed entries
-# first), -1 when not the leader, -2 when the dead-letter store is full and nothing is
-# claimed; oversized counts entries dead-lettered here for exceeding max_entry_bytes.
-_CLAIM = _COMMON + r"""
-local inst = ARGV[2]
-local max_count = tonumber(ARGV[3])
-local leader = p .. ':intake:leader'
-if redis.call('GET', leader) ~= inst then return {-1, {}, 0} end
-redis.call('PEXPIRE', leader, tonumber(ARGV[7]))
-local claimed = p .. ':intake:claimed'
-local max_entry = tonumber(ARGV[6])
-local oversized = 0
-local now = nil
-local function dead_oversized(v)
-  -- An entry this large can never be sent; keep it out of the daemon's memory. The
-  -- site and type are read with a pattern, best effort, so operators can filter.
-  now = now or now_ms()
-  local site = string.match(string.sub(v, 1, 4096), '"site_id"%s*:%s*"?(%d+)')
-  local event_type = string.match(string.sub(v, 1, 4096), '"type"%s*:%s*"([%w%.]+)"')
-  dead_letter(v, cjson.encode({reason = 'event_too_large', size = #v, site_id = site or cjson.null,
-    type = event_type or cjson.null, status = cjson.null, attempts = 0,
-    detail = 'queue entry of ' .. #v .. ' bytes exceeds ' .. max_entry .. ' bytes'}), now)
-  oversized = oversized + 1
-end
-local items = {}
-local leftover = redis.call('LRANGE', claimed, 0, -1)
-if #leftover > 0 then
-  -- Left by a crashed leader or moved here by BLMOVE: check sizes like fresh entries.
-  local kept = {}
-  for i = 1, #leftover do
-    if #leftover[i] > max_entry then dead_oversized(leftover[i]) else kept[#kept + 1] = leftover[i] end
-  end
-  if oversized > 0 then
-    redis.call('DEL', claimed)
-    for i = 1, #kept do redis.call('RPUSH', claimed, kept[i]) end
-  end
-  -- All of them, even past max_count: route requires the whole claimed list.
-  items = kept
-end
-local want = max_count - #items
-if want <= 0 then return {1, items, oversized} end
--- Each entry can become at most one dead letter, so claiming no more entries than the
--- store has room for keeps it within max_entries without ever evicting.
-local room = tonumber(ARGV[4]) - redis.call('ZCARD', p .. ':dead:index')
-if room <= 0 or dead_full(0, tonumber(ARGV[4]), tonumber(ARGV[5])) then
-  if #items == 0 then return {-2, {}, oversized} end
-  return {1, items, oversized}
-end
-want = math.min(want, room)
-local popped = redis.call('RPOP', p .. ':events', want)
-if not popped then return {1, items, oversized} end
-local fresh = {}
-for i = 1, #popped do
-  local v = popped[i]
-  if #v > max_entry then
-    dead_oversized(v)
-  else
-    fresh[#fresh + 1] = v
-    items[#items + 1] = v
-  end
-end
--- One RPUSH per slice instead of one per entry; unpack() is bounded by Lua's stack.
-for start = 1, #fresh, 1000 do
-  redis.call('RPUSH', claimed, unpack(fresh, start, math.min(start + 999, #fresh)))
-end
-return {1, items, oversized}
-"""
-
-# ARGV: prefix, instance, chunk_id, claimed_count, linger_ms, count_trigger, size_trigger,
-#       dl_max_entries, dl_max_bytes, lane_count, then per lane: name, item count, bytes,
-#       packed (per event: index in the claimed list as 2 bytes, then the 9-byte item
-#       header); then dead count, then per dead letter: index in the claimed list, meta JSON.
-# Returns 1 when routed, 0 when this chunk was routed already, -1 when not the leader,
-# -2 when the dead letters do not fit in the store (nothing done), -3 when the claimed
-# list does not hold the chunk the caller parsed.
-_ROUTE = _COMMON + r"""
-local inst = ARGV[2]
-if redis.call('GET', p .. ':intake:leader') ~= inst then return -1 end
-local routed = p .. ':intake:routed'
-if redis.call('GET', routed) == ARGV[3] then return 0 end
-local claimed = p .. ':intake:claimed'
-if redis.call('LLEN', claimed) ~= tonumber(ARGV[4]) then return -3 end
-local dead_at = 11 + 4 * tonumber(ARGV[10])
-local dead_count = tonumber(ARGV[dead_at])
-if dead_count > 0 and dead_full(dead_count, tonumber(ARGV[8]), tonumber(ARGV[9])) then
-  return -2
-end
+# ARGV: prefix, linger_ms, count_trigger, size_trigger, lane_count, then per lane: name,
+#       events, bytes; then dead count, then per dead letter: index in the chunk (0 is
+#       the oldest entry), meta JSON.
+# The bookkeeping part of a route, run inside its MULTI before the LTRIM that takes the
+# chunk off the queue, so that dead letters copy their entries from the queue.
+_ROUTE_BOOKKEEPING = _COMMON + r"""
+local linger = tonumber(ARGV[2])
+local count_trigger = tonumber(ARGV[3])
+local size_trigger = tonumber(ARGV[4])
+local lane_count = tonumber(ARGV[5])
 local now = now_ms()
-local linger = tonumber(ARGV[5])
-local count_trigger = tonumber(ARGV[6])
-local size_trigger = tonumber(ARGV[7])
 local due = p .. ':lanes:due'
-local entries = redis.call('LRANGE', claimed, 0, -1)
-local pos = 11
-for _ = 1, tonumber(ARGV[10]) do
+local pos = 6
+for _ = 1, lane_count do
   local lane = ARGV[pos]
-  local count = tonumber(ARGV[pos + 1])
-  local bytes = tonumber(ARGV[pos + 2])
-  local packed = ARGV[pos + 3]
-  pos = pos + 4
-  -- Each event is 2 bytes of index into the claimed list and its 9-byte item header;
-  -- the entry's bytes are taken from the claimed list here rather than sent back.
-  local items = {}
-  for j = 0, count - 1 do
-    local base = 1 + j * 11
-    local index = struct.unpack('>H', packed, base)
-    items[j + 1] = string.sub(packed, base + 2, base + 10) .. entries[index + 1]
-  end
-  local length = 0
-  for first = 1, count, 1000 do
-    length = redis.call('RPUSH', p .. ':lane:' .. lane, unpack(items, first, math.min(first + 999, count)))
-  end
-  local total = redis.call('HINCRBY', p .. ':lanes:bytes', lane, bytes)
+  local queued = redis.call('HINCRBY', p .. ':lanes:count', lane, ARGV[pos + 1])
+  local total = redis.call('HINCRBY', p .. ':lanes:bytes', lane, ARGV[pos + 2])
   redis.call('ZADD', due, 'NX', now + linger, lane)
   -- A full lane is sent at once, unless it is backing off (it has an attempts
   -- record): new events must not cut a retry delay or a pause short.
-  if (length >= count_trigger or total >= size_trigger)
+  if (queued >= count_trigger or total >= size_trigger)
       and redis.call('HEXISTS', p .. ':lanes:attempts', lane) == 0 then
     redis.call('ZADD', due, 'LT', now, lane)
   end
+  pos = pos + 3
 end
+local events = p .. ':events'
+local dead_count = tonumber(ARGV[pos])
 pos = pos + 1
 for _ = 1, dead_count do
-  dead_letter(entries[tonumber(ARGV[pos]) + 1], ARGV[pos + 1], now)
+  dead_letter(redis.call('LINDEX', events, -1 - tonumber(ARGV[pos])), ARGV[pos + 1], now)
   pos = pos + 2
 end
-redis.call('DEL', claimed)
-redis.call('SET', routed, ARGV[3])
 return 1
 """
 
@@ -254,81 +160,17 @@ if first[2] then next_due = tonumber(first[2]) end
 return {now, next_due, leased}
 """
 
-# ARGV: prefix, lease token, lane, max_count, max_bytes
-# Reads the longest prefix of the lane whose batch body fits max_bytes (always at least
-# one event, which may be too large on its own), and returns the events' `data` bytes
-# grouped by type, so that the caller assembles the body without touching each event:
-#   {status, now_ms, body_bytes, attempts record or '', count, type_sequence,
-#    data_bytes, groups}
-# status is 1, or -1 when the lease is not ours. type_sequence has one byte (the type
-# index) per event in lane order, data_bytes is the sum of the data lengths, and groups
-# is a flat list of type index, list of data, in ascending type index.
-_PEEK = _COMMON + r"""
-local overhead = """ + _OVERHEAD_LUA + r"""
-local token = ARGV[2]
-local lane = ARGV[3]
-local max_count = tonumber(ARGV[4])
-local max_bytes = tonumber(ARGV[5])
-if redis.call('GET', p .. ':lease:' .. lane) ~= token then return {-1, 0, 0, '', 0, '', 0, {}} end
-local key = p .. ':lane:' .. lane
-local count = 0
-local data_by_type = {}
-local types = {}
-local size = 2
-local data_bytes = 0
-local start = 0
-local full = false
-while not full and count < max_count do
-  local page = math.min(200, max_count - count)
-  local chunk = redis.call('LRANGE', key, start, start + page - 1)
-  if #chunk == 0 then break end
-  for i = 1, #chunk do
-    local v = chunk[i]
-    local t, offset, length = struct.unpack('>BI4I4', v)
-    local group = data_by_type[t]
-    local add
-    if t >= """ + str(_TRACKER_FIRST_INDEX) + r""" then
-      add = length - 2
-    elseif group then
-      add = length + 1
-    else
-      add = length + overhead[t + 1]
-      if next(data_by_type) then add = add + 1 end
-    end
-    if count > 0 and size + add > max_bytes then full = true break end
-    if not group then
-      group = {}
-      data_by_type[t] = group
-    end
-    size = size + add
-    data_bytes = data_bytes + length
-    count = count + 1
-    group[#group + 1] = string.sub(v, """ + str(ITEM_HEADER_SIZE + 1) + r""" + offset, """ + str(ITEM_HEADER_SIZE) + r""" + offset + length)
-    types[count] = string.char(t)
-    if count >= max_count then break end
-  end
-  start = start + #chunk
-end
-local groups = {}
-for t = 0, """ + str(len(EVENT_TYPES) - 1) + r""" do
-  if data_by_type[t] then
-    groups[#groups + 1] = t
-    groups[#groups + 1] = data_by_type[t]
-  end
-end
-local attempts = redis.call('HGET', p .. ':lanes:attempts', lane) or ''
-return {1, now_ms(), size, attempts, count, table.concat(types), data_bytes, groups}
-"""
-
-# ARGV: prefix, lease token, lane, ack_id, pop_count, popped_bytes, linger_deadline_ms,
+# ARGV: prefix, lease token, lane, ack_id, pop_events, popped_bytes, linger_deadline_ms,
 #       count_trigger, size_trigger, dl_max_entries, dl_max_bytes, ttl_ms, keep_lease,
-#       state_json, keep_failure_start (0/1), dead_count, then per dead letter: index in
-#       the lane, meta JSON.
+#       state_json, keep_failure_start (0/1), whole_blocks, remainder, back_block,
+#       back_events, back_bytes, dead_count, then per dead letter: envelope, meta JSON.
+# Popping the prefix removes whole_blocks elements from the head and, when the prefix
+# ends inside a block, replaces the new head with `remainder` (the rest of that block).
 # Returns {status, now_ms}: 0 lane empty and released, 1 lease kept for the next batch,
 # 3 released with the rest due at the linger deadline, -1 lease lost (nothing done),
-# -2 dead-letter store full (the prefix popped but for the events to dead-letter, which
-# are back at the head and wait; the lease is kept). A repeated ack_id returns the
-# first status.
+# -2 dead-letter store full (the prefix popped, and `back_block`, the events to
+# dead-letter, pushed back at the head to wait; the lease is kept). A repeated ack_id
+# returns the first status.
 _ACK = _COMMON + r"""
 local inst = ARGV[2]
 local lane = ARGV[3]
@@ -345,36 +187,41 @@ local lease = p .. ':lease:' .. lane
 local token = inst
 inst = string.match(token, '^(.*)|')
 if redis.call('GET', lease) ~= token then return {-1, 0} end
-local dead_count = tonumber(ARGV[16])
 local key = p .. ':lane:' .. lane
+local pop_events = tonumber(ARGV[5])
+local popped_bytes = tonumber(ARGV[6])
+local whole_blocks = tonumber(ARGV[16])
+local remainder = ARGV[17]
+local dead_count = tonumber(ARGV[21])
 local now = now_ms()
+local bytes_key = p .. ':lanes:bytes'
+local count_key = p .. ':lanes:count'
+local function pop_prefix()
+  if whole_blocks > 0 then redis.call('LTRIM', key, whole_blocks, -1) end
+  if remainder ~= '' then redis.call('LSET', key, 0, remainder) end
+end
+-- string.format: Lua writes -0 as "-0", which Redis rejects as an integer.
+local function add(hash, amount)
+  return redis.call('HINCRBY', hash, lane, string.format('%d', amount))
+end
 if dead_count > 0 and dead_full(dead_count, tonumber(ARGV[10]), tonumber(ARGV[11])) then
   -- No room for these dead letters: pop the prefix anyway, because the API accepted
   -- its other events and resending them would duplicate them, and put the failed
   -- events back at the head, in order, to wait until the store has room.
-  local failed = {}
-  local back_bytes = 0
-  for i = 0, dead_count - 1 do
-    local item = redis.call('LINDEX', key, tonumber(ARGV[17 + 2 * i]))
-    local _, _, length = struct.unpack('>BI4I4', item)
-    failed[#failed + 1] = item
-    back_bytes = back_bytes + length + 1
-  end
-  redis.call('LTRIM', key, tonumber(ARGV[5]), -1)
-  for i = #failed, 1, -1 do redis.call('LPUSH', key, failed[i]) end
-  redis.call('HINCRBY', p .. ':lanes:bytes', lane, string.format('%d', back_bytes - tonumber(ARGV[6])))
+  pop_prefix()
+  redis.call('LPUSH', key, ARGV[18])
+  add(bytes_key, tonumber(ARGV[20]) - popped_bytes)
+  add(count_key, tonumber(ARGV[19]) - pop_events)
   redis.call('HSET', acked, lane, ack_id .. '|-2')
   return {-2, now}
 end
-local pos = 17
+local pos = 22
 for _ = 1, dead_count do
-  local item = redis.call('LINDEX', key, tonumber(ARGV[pos]))
-  dead_letter(string.sub(item, """ + str(ITEM_HEADER_SIZE + 1) + r"""), ARGV[pos + 1], now)
+  dead_letter(ARGV[pos], ARGV[pos + 1], now)
   pos = pos + 2
 end
-local pop_count = tonumber(ARGV[5])
-if pop_count > 0 then
-  redis.call('LTRIM', key, pop_count, -1)
+if pop_events > 0 then
+  pop_prefix()
   local attempts_key = p .. ':lanes:attempts'
   local record = ARGV[15] == '1' and redis.call('HGET', attempts_key, lane)
   if record then
@@ -387,21 +234,20 @@ if pop_count > 0 then
   end
 end
 if ARGV[14] ~= '' then redis.call('HSET', p .. ':lanes:state', lane, ARGV[14]) end
-local bytes_key = p .. ':lanes:bytes'
--- string.format: Lua writes -0 as "-0", which Redis rejects as an integer.
-local total = redis.call('HINCRBY', bytes_key, lane, string.format('%d', -tonumber(ARGV[6])))
-local remaining = redis.call('LLEN', key)
+local total = add(bytes_key, -popped_bytes)
+local queued = add(count_key, -pop_events)
 local due = p .. ':lanes:due'
 local owned = p .. ':instance:' .. inst .. ':lanes'
-if remaining == 0 then
+if redis.call('LLEN', key) == 0 then
   redis.call('DEL', lease)
   redis.call('ZREM', due, lane)
   redis.call('SREM', owned, lane)
   redis.call('HDEL', bytes_key, lane)
+  redis.call('HDEL', count_key, lane)
   redis.call('HSET', acked, lane, ack_id .. '|0')
   return {0, now}
 end
-if ARGV[13] == '1' or remaining >= tonumber(ARGV[8]) or total >= tonumber(ARGV[9]) then
+if ARGV[13] == '1' or queued >= tonumber(ARGV[8]) or total >= tonumber(ARGV[9]) then
   redis.call('PEXPIRE', lease, tonumber(ARGV[12]))
   redis.call('HSET', acked, lane, ack_id .. '|1')
   return {1, now}
@@ -580,8 +426,10 @@ class Keys:
         self.events = f"{prefix}:events"
         self.claimed = f"{prefix}:intake:claimed"
         self.leader = f"{prefix}:intake:leader"
+        self.routed = f"{prefix}:intake:routed"
         self.due = f"{prefix}:lanes:due"
         self.lane_bytes = f"{prefix}:lanes:bytes"
+        self.lane_count = f"{prefix}:lanes:count"
         self.attempts = f"{prefix}:lanes:attempts"
         self.lane_state = f"{prefix}:lanes:state"
         self.instances = f"{prefix}:instances"
@@ -605,16 +453,33 @@ class Keys:
 class Peek:
     status: int
     now_ms: int
-    body_bytes: int
     attempts: int
     first_attempt_ms: int | None
     last_attempt_ms: int | None
-    count: int
-    # One byte per event in lane order: its index into EVENT_TYPES.
-    type_sequence: bytes
-    data_bytes: int
-    # (type index, data of each event of that type in lane order), ascending type index.
-    groups: list[tuple[int, list[bytes]]]
+    prefix: Prefix
+    # Lane elements read to find the prefix, for sizing the next read.
+    blocks_read: int
+
+    @property
+    def count(self) -> int:
+        return self.prefix.count
+
+    @property
+    def body_bytes(self) -> int:
+        return self.prefix.body_bytes
+
+    @property
+    def data_bytes(self) -> int:
+        return self.prefix.data_bytes
+
+    @property
+    def type_sequence(self) -> bytes:
+        return self.prefix.type_sequence
+
+
+_EMPTY_PREFIX = Prefix(0, 2, 0, b"", [], 0, b"", [])
+# Lane elements read per round trip at most, whatever the estimate.
+MAX_READ_BLOCKS = 512
 
 
 @dataclass(slots=True)
@@ -632,11 +497,8 @@ class RedisStore:
         self.client = client
         self.keys = Keys(prefix)
         self._prefix = prefix
-        self._claim = client.register_script(_CLAIM)
-        self._route = client.register_script(_ROUTE)
         self._return_claimed = client.register_script(_RETURN_CLAIMED)
         self._schedule = client.register_script(_SCHEDULE)
-        self._peek = client.register_script(_PEEK)
         self._ack = client.register_script(_ACK)
         self._retry = client.register_script(_RETRY)
         self._renew = client.register_script(_RENEW)
@@ -653,34 +515,91 @@ class RedisStore:
         current = await self.client.get(leader)
         return current is not None and current.decode() == instance
 
-    async def claim(
-        self, instance: str, max_count: int, dl_max_entries: int, dl_max_bytes: int,
-        max_entry_bytes: int, ttl_ms: int,
-    ) -> tuple[int, list[bytes], int]:
-        status, items, oversized = await self._claim(
-            args=[self._prefix, instance, max_count, dl_max_entries, dl_max_bytes, max_entry_bytes, ttl_ms]
-        )
-        return int(status), items, int(oversized)
+    async def read_chunk(self, max_count: int, dl_max_entries: int, dl_max_bytes: int) -> tuple[bool, list[bytes]]:
+        """Read the oldest queue entries, oldest first, without removing them.
+
+        Returns (False, []) when the dead-letter store is full. At most as many entries
+        are returned as the store has room for, because each can become one dead letter
+        and the store must never evict.
+        """
+        keys = self.keys
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zcard(keys.dead_index)
+            pipe.get(keys.dead_bytes)
+            pipe.lrange(keys.events, -max_count, -1)
+            dead_entries, dead_bytes, entries = await pipe.execute()
+        room = dl_max_entries - int(dead_entries)
+        if room <= 0 or int(dead_bytes or 0) >= dl_max_bytes:
+            return False, []
+        entries.reverse()
+        return True, entries[:room]
 
     async def route(
-        self, instance: str, chunk_id: str, claimed_count: int, linger_ms: int,
+        self, instance: str, chunk_id: str, entry_count: int, oldest_entry: bytes, linger_ms: int,
         count_trigger: int, size_trigger: int, dl_max_entries: int, dl_max_bytes: int,
-        lanes: dict[str, Any], dead: list[tuple[int, bytes]],
+        lanes: dict[str, tuple[int, int, list[bytes]]], dead: list[tuple[int, bytes]],
     ) -> int:
-        args: list[Any] = [
-            self._prefix, instance, chunk_id, claimed_count, linger_ms, count_trigger, size_trigger,
-            dl_max_entries, dl_max_bytes, len(lanes),
-        ]
-        for lane, (count, size, packed) in lanes.items():
-            args.append(lane)
-            args.append(count)
-            args.append(size)
-            args.append(bytes(packed))
-        args.append(len(dead))
-        for index, meta in dead:
-            args.append(index)
-            args.append(meta)
-        return int(await self._route(args=args))
+        """Move a chunk, the oldest `entry_count` queue entries, to its lanes as blocks.
+
+        One MULTI/EXEC, guarded by WATCH on the leader key, so that nobody else took the
+        queue's tail meanwhile. The blocks go in plain RPUSH commands: a script would
+        copy each of their bytes twice more (measured in docs/benchmarks.md).
+        Returns 1 when routed, 0 when this chunk was routed already (a reply lost),
+        -1 when not the leader, -2 when the dead letters do not fit in the store, -3
+        when the oldest entry is not `oldest_entry`, and -4 when a watched key changed
+        before EXEC; nothing is done in the last four cases.
+        """
+        try:
+            return await self._route_watched(
+                instance, chunk_id, entry_count, oldest_entry, linger_ms, count_trigger, size_trigger,
+                dl_max_entries, dl_max_bytes, lanes, dead,
+            )
+        except WatchError as exc:
+            # redis-py also reports a lost connection as a WatchError while keys are
+            # watched; that one is retried like any connection failure. Either way
+            # the route may be tried again: its chunk id makes a repeat a no-op.
+            if isinstance(exc.__context__, RedisConnectionError | RedisTimeoutError):
+                raise RedisConnectionError(f"connection lost during route: {exc}") from exc
+            return -4
+
+    async def _route_watched(
+        self, instance: str, chunk_id: str, entry_count: int, oldest_entry: bytes, linger_ms: int,
+        count_trigger: int, size_trigger: int, dl_max_entries: int, dl_max_bytes: int,
+        lanes: dict[str, tuple[int, int, list[bytes]]], dead: list[tuple[int, bytes]],
+    ) -> int:
+        keys = self.keys
+        async with self.client.pipeline(transaction=True) as pipe:
+            await pipe.watch(keys.leader, keys.routed, keys.dead_index)
+            leader, routed = await pipe.mget(keys.leader, keys.routed)
+            if leader is None or leader.decode() != instance:
+                return -1
+            if routed is not None and routed.decode() == chunk_id:
+                return 0
+            if await pipe.lindex(keys.events, -1) != oldest_entry:
+                return -3
+            if dead:
+                dead_entries = await pipe.zcard(keys.dead_index)
+                dead_bytes = int(await pipe.get(keys.dead_bytes) or 0)
+                if dead_entries + len(dead) > dl_max_entries or dead_bytes >= dl_max_bytes:
+                    return -2
+            args: list[Any] = [self._prefix, linger_ms, count_trigger, size_trigger, len(lanes)]
+            for lane, (count, size, _) in lanes.items():
+                args.append(lane)
+                args.append(count)
+                args.append(size)
+            args.append(len(dead))
+            for index, meta in dead:
+                args.append(index)
+                args.append(meta)
+            pipe.multi()
+            # EVAL, not EVALSHA: a NOSCRIPT error inside EXEC would not undo the rest.
+            pipe.eval(_ROUTE_BOOKKEEPING, 0, *args)
+            pipe.ltrim(keys.events, 0, -entry_count - 1)
+            for lane, (_, _, blocks) in lanes.items():
+                pipe.rpush(keys.lane(lane), *blocks)
+            pipe.set(keys.routed, chunk_id)
+            await pipe.execute()
+        return 1
 
     async def return_claimed(self, instance: str) -> int:
         return int(await self._return_claimed(args=[self._prefix, instance]))
@@ -694,35 +613,68 @@ class RedisStore:
         leased = [(lanes[i].decode(), lanes[i + 1].decode()) for i in range(0, len(lanes), 2)]
         return Schedule(int(now), None if int(next_due) < 0 else int(next_due), leased)
 
-    async def peek(self, instance: str, lane: str, max_count: int, max_bytes: int) -> Peek:
-        status, now, size, attempts, count, type_sequence, data_bytes, flat = await self._peek(
-            args=[self._prefix, instance, lane, max_count, max_bytes]
-        )
+    async def peek(
+        self, token: str, lane: str, max_count: int, max_bytes: int, events_per_block: float = 8.0
+    ) -> Peek:
+        """Read the prefix of a lane that fits one request, under the lease `token`.
+
+        Reading takes no script: only the lease owner pops a lane, and the ack checks the
+        lease again, so a read that races a lost lease changes nothing in Redis.
+        `events_per_block` (from earlier reads) sizes the first read to one round trip.
+        """
+        keys = self.keys
+        page = max(2, min(MAX_READ_BLOCKS, ceil(max_count / max(events_per_block, 1.0)) + 1))
+        key = keys.lane(lane)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(keys.lease(lane))
+            pipe.hget(keys.attempts, lane)
+            pipe.time()
+            pipe.lrange(key, 0, page - 1)
+            owner, attempts, (seconds, microseconds), elements = await pipe.execute()
+        now_ms = seconds * 1000 + microseconds // 1000
+        if owner is None or owner.decode() != token:
+            return Peek(-1, now_ms, 0, None, None, _EMPTY_PREFIX, 0)
+        blocks: list[Block] = [decode_block(element) for element in elements]
+        events = sum(block.count for block in blocks)
+        size = sum(len(element) for element in elements)
+        while len(elements) == page and events < max_count and size < max_bytes:
+            start = len(blocks)
+            page = min(MAX_READ_BLOCKS, page * 2)
+            elements = await self.client.lrange(key, start, start + page - 1)
+            for element in elements:
+                block = decode_block(element)
+                blocks.append(block)
+                events += block.count
+                size += len(element)
         tries, first, last = 0, None, None
         if attempts:
             parts = attempts.decode().split(",")
             tries, first, last = int(parts[0]), int(parts[1]), int(parts[2])
-        groups = [(int(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
-        return Peek(int(status), int(now), int(size), tries, first, last, int(count), type_sequence,
-                    int(data_bytes), groups)
-
-    async def lane_items(self, lane: str, count: int) -> list[bytes]:
-        """Return the first `count` items of a lane (header and envelope), for failure paths."""
-        return await self.client.lrange(self.keys.lane(lane), 0, count - 1)
+        prefix = take_prefix(blocks, max_count, max_bytes)
+        return Peek(1, now_ms, tries, first, last, prefix, len(blocks))
 
     async def ack(
-        self, instance: str, lane: str, ack_id: str, pop_count: int, popped_bytes: int,
-        linger_deadline_ms: int, count_trigger: int, size_trigger: int,
-        dl_max_entries: int, dl_max_bytes: int, ttl_ms: int, keep_lease: bool,
-        state_json: bytes, dead: list[tuple[int, bytes]], keep_failure_start: bool = False,
+        self, instance: str, lane: str, ack_id: str, prefix: Prefix, pop: bool, linger_deadline_ms: int,
+        count_trigger: int, size_trigger: int, dl_max_entries: int, dl_max_bytes: int, ttl_ms: int,
+        keep_lease: bool, state_json: bytes, dead: list[tuple[bytes, bytes]], back: tuple[bytes, int, int],
+        keep_failure_start: bool = False,
     ) -> tuple[int, int]:
+        """Pop `prefix` when `pop`, and write the dead letters (envelope, meta).
+
+        `back` is (block, events, bytes) of the events to dead-letter, pushed back at the
+        head when the dead-letter store has no room for them.
+        """
+        pop_events = prefix.count if pop else 0
         args: list[Any] = [
-            self._prefix, instance, lane, ack_id, pop_count, popped_bytes, linger_deadline_ms,
-            count_trigger, size_trigger, dl_max_entries, dl_max_bytes, ttl_ms,
-            1 if keep_lease else 0, state_json, 1 if keep_failure_start else 0, len(dead),
+            self._prefix, instance, lane, ack_id, pop_events,
+            # The same measure the route script added per event: data bytes plus a comma.
+            prefix.data_bytes + prefix.count if pop else 0,
+            linger_deadline_ms, count_trigger, size_trigger, dl_max_entries, dl_max_bytes, ttl_ms,
+            1 if keep_lease else 0, state_json, 1 if keep_failure_start else 0,
+            prefix.whole_blocks if pop else 0, prefix.remainder if pop else b"", *back, len(dead),
         ]
-        for index, meta in dead:
-            args.append(index)
+        for envelope, meta in dead:
+            args.append(envelope)
             args.append(meta)
         status, now = await self._ack(args=args)
         return int(status), int(now)

@@ -160,14 +160,14 @@ def _read_lanes(
         page = names[offset : offset + LANE_PAGE]
         pipe = client.pipeline(transaction=False)
         for lane in page:
-            pipe.llen(keys.lane(lane))
+            pipe.hget(keys.lane_count, lane)
             pipe.hget(keys.attempts, lane)
             pipe.hget(keys.lane_state, lane)
             pipe.get(keys.lease(lane))
         replies = pipe.execute()
         for position, lane in enumerate(page):
             length, attempts_record, state_record, owner = replies[4 * position : 4 * position + 4]
-            lanes.append(_lane_entry(lane, int(length), attempts_record, state_record, owner, due, now_ms))
+            lanes.append(_lane_entry(lane, int(length or 0), attempts_record, state_record, owner, due, now_ms))
     # Lanes that need a look first, then the largest backlogs.
     order = {"paused": 0, "retrying": 1}
     lanes.sort(key=lambda lane: (order.get(lane["state"] or "", 2), -lane["backlog"], lane["lane"]))
@@ -240,7 +240,7 @@ def _read_dead(
             by_site[site] = by_site.get(site, 0) + 1
     limits = config.dead_letter
     # Once either limit is reached, the lanes cannot write a dead letter and the
-    # intake stops claiming (the claim, route and ack scripts in redis_store).
+    # intake stops reading the queue (read_chunk, route and ack in redis_store).
     full = count >= limits.max_entries or size >= limits.max_bytes
     return {
         "entries": count,

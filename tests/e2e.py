@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from forwarder.blocks import lane_envelopes
 from forwarder.envelope import EVENT_TYPES, TRACKER_TYPES
 from forwarder.sandbox import Sandbox, sample_event
 from tests.daemon_proc import ROOT
@@ -114,6 +115,16 @@ async def wait_drained(client: aioredis.Redis, timeout: float = 60, prefix: str 
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(check(), timeout)
+
+
+async def lane_events(client: aioredis.Redis, lane: str, prefix: str = "jirafe") -> list[bytes]:
+    """Return the envelopes queued in a lane, in lane order, read from its blocks."""
+    elements = await client.lrange(f"{prefix}:lane:{lane}", 0, -1)
+    return [envelope for _, envelope in lane_envelopes(elements)]
+
+
+async def lane_length(client: aioredis.Redis, lane: str, prefix: str = "jirafe") -> int:
+    return len(await lane_events(client, lane, prefix))
 
 
 async def wait_redis(read: Callable[[], Awaitable[Any]], expected: Any, timeout: float = 30) -> None:

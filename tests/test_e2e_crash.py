@@ -18,6 +18,7 @@ from tests.e2e import (
     dead_export,
     envelope,
     expected_order,
+    lane_length,
     mixed_events,
     push,
     received_order,
@@ -169,7 +170,7 @@ async def test_sigterm_flushes_partial_batch(redis_server: RedisServer, redis_cl
         env = daemon_env(redis_server.url, sandbox.base_url, batch_linger_ms=60_000)
         daemon = await DaemonProcess(env).start()
         await push(redis_client, entries)
-        await wait_redis(lambda: redis_client.llen("jirafe:lane:1001:batch"), 7)
+        await wait_redis(lambda: lane_length(redis_client, "1001:batch"), 7)
         assert sandbox.state.total_requests == 0
         started = time.monotonic()
         daemon.signal(signal.SIGTERM)
@@ -194,8 +195,8 @@ async def test_sigterm_during_outage_keeps_events(redis_server: RedisServer, red
         assert code == 0
         assert time.monotonic() - started < 25  # shutdown.hard_deadline_s
         await assert_nothing_claimed(redis_client)
-        lanes = await redis_client.keys("jirafe:lane:*")
-        queued = sum([await redis_client.llen(key) for key in lanes]) + await redis_client.llen("jirafe:events")
+        lanes = [key.decode().removeprefix("jirafe:lane:") for key in await redis_client.keys("jirafe:lane:*")]
+        queued = sum([await lane_length(redis_client, lane) for lane in lanes]) + await redis_client.llen("jirafe:events")
         assert queued == len(entries)
         assert await redis_client.zcard("jirafe:dead:index") == 0
 
@@ -215,7 +216,7 @@ async def test_second_signal_forces_fast_exit(redis_server: RedisServer, redis_c
         code = await daemon.wait(timeout=15)
         assert code != 0
         assert daemon.logs("forced stop: cancelling in-flight work, events stay in Redis")
-        assert await redis_client.llen("jirafe:lane:1001:batch") == 20
+        assert await lane_length(redis_client, "1001:batch") == 20
         assert sandbox.state.total_accepted == 0
 
 

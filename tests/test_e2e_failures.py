@@ -21,6 +21,8 @@ from tests.e2e import (
     dead_export,
     envelope,
     expected_order,
+    lane_events,
+    lane_length,
     push,
     received_order,
     run_cli,
@@ -263,7 +265,7 @@ async def test_revoked_token_pauses_only_its_site(redis_server: RedisServer, red
         for site in healthy:
             assert sandbox.state.accepted_count(site) == 100
         assert sandbox.state.accepted_count("1004") == 0
-        assert await redis_client.llen("jirafe:lane:1004:batch") == 100
+        assert await lane_length(redis_client, "1004:batch") == 100
         assert await redis_client.zcard("jirafe:dead:index") == 0
         # The pause is logged just before its state is written to Redis.
         await wait_until(lambda: redis_client.hget("jirafe:lanes:state", "1004:batch"), lambda raw: raw is not None)
@@ -493,8 +495,8 @@ async def test_nearly_full_store_resends_no_accepted_event(
         assert sandbox.state.accepted_count("1001") == 196
         assert sandbox.state.total_duplicates == 0
         # The rejected events wait at the head of the lane, in order.
-        waiting = await redis_client.lrange("jirafe:lane:1001:batch", 0, -1)
-        assert [orjson.loads(raw[9:])["id"] for raw in waiting] == ["1001-10", "1001-60", "1001-110", "1001-160"]
+        waiting = await lane_events(redis_client, "1001:batch")
+        assert [orjson.loads(raw)["id"] for raw in waiting] == ["1001-10", "1001-60", "1001-110", "1001-160"]
         assert await redis_client.zcard("jirafe:dead:index") == 0
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from forwarder.envelope import EnvelopeError, decode_item, encode_item, parse_envelope
+from forwarder.blocks import decode_block, encode_block
+from forwarder.envelope import EnvelopeError, parse_envelope
 
 
 @pytest.mark.parametrize(
@@ -70,10 +71,10 @@ def test_integer_site_id_becomes_string() -> None:
         '{"site_id":"1","type":"cart","data":{"name":"Café ☕ 𝄞","esc":"\\n\\u00e9"}}'.encode(),
     ],
 )
-def test_item_round_trip_keeps_data_bytes(raw: bytes) -> None:
+def test_block_round_trip_keeps_envelope_bytes(raw: bytes) -> None:
     envelope = parse_envelope(raw)
-    item = decode_item(encode_item(raw, envelope))
-    assert bytes(item.raw) == raw
-    assert item.type == "cart"
-    assert orjson.loads(bytes(item.data)) == orjson.loads(raw)["data"]
-    assert bytes(item.data) in raw
+    block = decode_block(encode_block([(envelope.type_index, raw, envelope.data_offset, envelope.data_length)]))
+    [(type_index, envelope_bytes, offset, length)] = block.events()
+    assert envelope_bytes == raw
+    assert type_index == envelope.type_index
+    assert orjson.loads(raw[offset : offset + length]) == orjson.loads(raw)["data"]

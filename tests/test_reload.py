@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 
 from forwarder.sandbox import Sandbox
 from tests.daemon_proc import StartDaemon, daemon_env
-from tests.e2e import envelope, expected_order, push, received_order, wait_drained
+from tests.e2e import envelope, expected_order, lane_length, push, received_order, wait_drained
 from tests.servers import RedisServer
 
 TOKEN_A = "token-rotation-a"
@@ -115,7 +115,7 @@ async def test_reload_resumes_paused_site(
         daemon = await start_daemon(env, ["--config", str(config)])
         await push(redis_client, [envelope("1002", "order", n) for n in range(15)])
         await daemon.wait_for_log("site paused: the API rejected its credentials; events are kept")
-        assert await redis_client.llen("jirafe:lane:1002:batch") == 15
+        assert await lane_length(redis_client, "1002:batch") == 15
 
         write_config(config, TOKEN_A, f'\n[sites."1002"]\ntoken = "{TOKEN_B}"\n')
         daemon.signal(signal.SIGHUP)

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from forwarder.sandbox import Sandbox
 from tests.daemon_proc import StartDaemon, daemon_env
-from tests.e2e import envelope, push, run_cli
+from tests.e2e import envelope, lane_length, push, run_cli
 from tests.servers import RedisServer, free_port
 
 MALFORMED = [b"{not json", b"[1]", b'{"site_id":"1001","type":"basket","data":{}}']
@@ -69,7 +69,7 @@ async def test_status_paused_site_and_dead_letters(
         paused_lane = lane(document, "1002:batch")
         assert paused_lane["state"] == "paused"
         assert paused_lane["backlog"] == 20
-        assert paused_lane["backlog"] == await redis_client.llen("jirafe:lane:1002:batch")
+        assert paused_lane["backlog"] == await lane_length(redis_client, "1002:batch")
         assert paused_lane["last_error"] == "authorization (HTTP 403)"
         assert paused_lane["last_success_ms"] is None
         assert paused_lane["next_due_ms"] is not None
