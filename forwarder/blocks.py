@@ -13,7 +13,8 @@ Layout of a block (integers little-endian):
     lengths     3 * n u32: data lengths, then envelope prefix lengths (the bytes
                 before `data`), then envelope suffix lengths (the bytes after it)
     runs        for each type of the table, its events' `data` joined by ","
-    parts       for each event in lane order, its envelope prefix then its suffix
+    prefixes    each event's envelope prefix, in lane order
+    suffixes    each event's envelope suffix, in lane order
 
 An event's envelope is prefix + data + suffix: the producer's bytes, exactly, which
 dead letters keep.
@@ -61,13 +62,11 @@ class BlockBuilder:
 
     __slots__ = (
         "_bounded",
-        "_lengths",
+        "_datas",
+        "_envelopes",
         "_max_events",
-        "_parts",
-        "_prefixes",
-        "_runs",
+        "_offsets",
         "_size",
-        "_suffixes",
         "_types",
         "blocks",
         "data_bytes",
@@ -77,9 +76,9 @@ class BlockBuilder:
 
     def __init__(self, bounded: bool = True, max_events: int = MAX_BLOCK_EVENTS) -> None:
         self.blocks: list[bytes] = []
+        # Events, data bytes and events per type index of the closed blocks.
         self.events = 0
         self.data_bytes = 0
-        # Events added per type index.
         self.type_counts = [0] * len(EVENT_TYPES)
         self._bounded = bounded
         self._max_events = max_events
@@ -87,48 +86,56 @@ class BlockBuilder:
 
     def _start(self) -> None:
         self._types = bytearray()
-        self._lengths: list[int] = []
-        self._prefixes: list[int] = []
-        self._suffixes: list[int] = []
-        self._runs: dict[int, list[Any]] = {}
-        self._parts: list[Any] = []
+        self._envelopes: list[Any] = []
+        self._datas: list[Any] = []
+        self._offsets: list[int] = []
         self._size = 0
 
     def add(self, type_index: int, envelope: Any, data: Any, offset: int) -> None:
         """Add one event: `data` (any buffer) is the same bytes as `envelope` holds at `offset`."""
-        length = len(data)
-        end = offset + length
-        run = self._runs.get(type_index)
-        if run is None:
-            run = self._runs[type_index] = []
-        run.append(data)
+        # Called once per event on the intake's hot path: only appends here, and the
+        # per-event arithmetic happens in _close in comprehensions.
         self._types.append(type_index)
-        self._lengths.append(length)
-        self._prefixes.append(offset)
-        size = len(envelope)
-        self._suffixes.append(size - end)
-        self._parts.append(envelope[:offset])
-        self._parts.append(envelope[end:])
-        self.events += 1
-        self.data_bytes += length
-        self.type_counts[type_index] += 1
-        self._size += size
-        if self._bounded and (len(self._types) >= self._max_events or self._size >= MAX_BLOCK_BYTES):
+        self._envelopes.append(envelope)
+        self._datas.append(data)
+        self._offsets.append(offset)
+        self._size += len(envelope)
+        if self._bounded and (self._size >= MAX_BLOCK_BYTES or len(self._types) >= self._max_events):
             self._close()
 
     def _close(self) -> None:
-        count = len(self._types)
+        types = self._types
+        envelopes = self._envelopes
+        datas = self._datas
+        offsets = self._offsets
+        count = len(types)
+        lengths = list(map(len, datas))
+        suffixes = [
+            len(envelope) - offset - length
+            for envelope, offset, length in zip(envelopes, offsets, lengths, strict=True)
+        ]
+        if types.count(types[0]) == count:
+            groups: list[tuple[int, list[Any]]] = [(types[0], datas)]
+        else:
+            by_type: dict[int, list[Any]] = {}
+            for type_index, data in zip(types, datas, strict=True):
+                by_type.setdefault(type_index, []).append(data)
+            groups = sorted(by_type.items())
         table = []
-        joined = []
-        for type_index in sorted(self._runs):
-            run = self._runs[type_index]
-            run_bytes = b",".join(run)
-            table.append(_TYPE_ENTRY.pack(type_index, len(run), len(run_bytes)))
-            joined.append(run_bytes)
-        lengths = struct.pack(f"<{3 * count}I", *self._lengths, *self._prefixes, *self._suffixes)
-        self.blocks.append(
-            b"".join([_HEADER.pack(MAGIC, count, len(table)), *table, self._types, lengths, *joined, *self._parts])
-        )
+        runs = []
+        for type_index, group in groups:
+            run = b",".join(group)
+            table.append(_TYPE_ENTRY.pack(type_index, len(group), len(run)))
+            runs.append(run)
+            self.type_counts[type_index] += len(group)
+        self.events += count
+        self.data_bytes += sum(lengths)
+        self.blocks.append(b"".join([
+            _HEADER.pack(MAGIC, count, len(table)), *table, types,
+            struct.pack(f"<{3 * count}I", *lengths, *offsets, *suffixes), *runs,
+            *[envelope[:offset] for envelope, offset in zip(envelopes, offsets, strict=True)],
+            *[envelope[offset + length :] for envelope, offset, length in zip(envelopes, offsets, lengths, strict=True)],
+        ]))
         self._start()
 
     def finish(self) -> list[bytes]:
@@ -196,14 +203,16 @@ class Block:
                 table.append(_TYPE_ENTRY.pack(type_index, events - len(taken_lengths), len(rest)))
                 rest_runs.append(rest)
         rest_count = count - taken
-        skipped_parts = sum(lengths[count : count + taken]) + sum(lengths[2 * count : 2 * count + taken])
+        prefix_at = self.parts_offset
+        suffix_at = prefix_at + sum(lengths[count : 2 * count])
         rest_lengths = struct.pack(
             f"<{3 * rest_count}I",
             *lengths[taken:count], *lengths[count + taken : 2 * count], *lengths[2 * count + taken :],
         )
         remainder = b"".join([
             _HEADER.pack(MAGIC, rest_count, len(table)), *table, types[taken:], rest_lengths, *rest_runs,
-            view[self.parts_offset + skipped_parts :],
+            view[prefix_at + sum(lengths[count : count + taken]) : suffix_at],
+            view[suffix_at + sum(lengths[2 * count : 2 * count + taken]) :],
         ])
         return head, remainder
 
@@ -213,7 +222,8 @@ class Block:
         count = self.count
         raw = self.raw
         run_position = {type_index: offset for type_index, _, offset, _ in self.runs}
-        part_position = self.parts_offset
+        prefix_at = self.parts_offset
+        suffix_at = prefix_at + sum(lengths[count : 2 * count])
         events = []
         for position, type_index in enumerate(self.type_sequence):
             length = lengths[position]
@@ -221,9 +231,10 @@ class Block:
             suffix = lengths[2 * count + position]
             data_at = run_position[type_index]
             run_position[type_index] = data_at + length + 1
-            envelope = (raw[part_position : part_position + prefix] + raw[data_at : data_at + length]
-                        + raw[part_position + prefix : part_position + prefix + suffix])
-            part_position += prefix + suffix
+            envelope = (raw[prefix_at : prefix_at + prefix] + raw[data_at : data_at + length]
+                        + raw[suffix_at : suffix_at + suffix])
+            prefix_at += prefix
+            suffix_at += suffix
             events.append((type_index, envelope, prefix, length))
         return events
 
@@ -271,7 +282,18 @@ class Prefix:
         """Assemble the request body: a tracker event's data, or a batch body."""
         if tracker:
             return bytes(self.groups[0][1][0])
-        return b"{" + b",".join([_TYPE_PREFIX[index] + b",".join(runs) + b"]" for index, runs in self.groups]) + b"}"
+        # One join, so the events' bytes are copied once.
+        parts: list[Any] = [b"{"]
+        for index, runs in self.groups:
+            if len(parts) > 1:
+                parts.append(b"],")
+            parts.append(_TYPE_PREFIX[index])
+            for run in runs:
+                parts.append(run)
+                parts.append(b",")
+            parts.pop()
+        parts.append(b"]}")
+        return b"".join(parts)
 
     def type_counts(self) -> list[tuple[int, int]]:
         """Return (type index, events) for each type present, by type index."""

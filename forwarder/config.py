@@ -312,8 +312,8 @@ class BatchConfig:
 
     linger_ms: int = _setting(500, _int(0, 60_000))
     max_events: int = _setting(1000, _int(1, 1_000_000))
-    # Events moved from the Redis list per read.
-    intake_chunk_events: int = _setting(500, _int(1, 100_000))
+    # Events read from the Redis list at a time (at most 5000, and about 16 MB).
+    intake_chunk_events: int = _setting(5000, _int(1, 100_000))
     # Check each event's data against the bundled JSON schemas before sending.
     validate_events: bool = _setting(False, _BOOL)
 

@@ -1,4 +1,4 @@
-"""Producer envelopes: parsing, checking, and the compact item stored in per-site lanes.
+"""Producer envelopes: parsing and checking.
 
 A producer pushes `{"site_id": "1234", "type": "cart", "data": {...}, "id": "..."}`.
 The daemon never rewrites `data`: it keeps the producer's bytes and copies them into
@@ -8,7 +8,6 @@ re-encoded on the hot path.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +32,6 @@ TRACKER_INDEXES = frozenset(TYPE_INDEX[name] for name in TRACKER_TYPES)
 # Lane kinds: all batchable types of a site share the "batch" lane. Each tracker type
 # has its own lane because tracker events are sent one per request.
 LANE_BATCH = "batch"
-
-# Item layout in a lane list: type index (1 byte), offset and length of `data` inside
-# the envelope (4 bytes each, big-endian), then the producer's envelope bytes.
-ITEM_HEADER = struct.Struct(">BII")
-ITEM_HEADER_SIZE = ITEM_HEADER.size
-
 
 class _Envelope(msgspec.Struct):
     site_id: str | int
@@ -154,10 +147,6 @@ def _field_error(raw: bytes, message: str) -> EnvelopeError:
     return EnvelopeError("invalid_envelope", message)
 
 
-def encode_item(raw: bytes, envelope: Envelope) -> bytes:
-    return ITEM_HEADER.pack(envelope.type_index, envelope.data_offset, envelope.data_length) + raw
-
-
 @dataclass(slots=True)
 class Item:
     """One event read back from a lane: its type and the producer's bytes."""
@@ -169,10 +158,3 @@ class Item:
     @property
     def type(self) -> str:
         return EVENT_TYPES[self.type_index]
-
-
-def decode_item(item: bytes) -> Item:
-    type_index, offset, length = ITEM_HEADER.unpack_from(item)
-    view = memoryview(item)
-    start = ITEM_HEADER_SIZE + offset
-    return Item(type_index, view[ITEM_HEADER_SIZE:], view[start : start + length])

@@ -145,10 +145,10 @@ class Intake:
                             continue
             self._route_entry(index, raw, builders, dead)
 
-        routed = {
-            lane: (builder.events, builder.data_bytes + builder.events, builder.finish())
-            for lane, builder in builders.items()
-        }
+        routed = {}
+        for lane, builder in builders.items():
+            blocks = builder.finish()
+            routed[lane] = (builder.events, builder.data_bytes + builder.events, blocks)
         chunk_id = f"{daemon.instance_id}:{next(self._chunk_ids)}"
         while True:
             result = await daemon.redis_call(

@@ -11,7 +11,7 @@ from forwarder.batch import (
     read_failures,
     single_event_size,
 )
-from forwarder.blocks import decode_block, encode_block, lane_envelopes, take_prefix
+from forwarder.blocks import BlockBuilder, decode_block, encode_block, lane_envelopes, take_prefix
 from forwarder.envelope import EVENT_TYPES, Item, parse_envelope
 from forwarder.redis_store import RedisStore
 
@@ -339,3 +339,17 @@ async def test_release_of_dead_instance_with_expired_lease(store: RedisStore) ->
     await store.client.delete(store.keys.lease(lane))
     await store.release_instance("dead")
     assert await store.client.zscore(store.keys.due, lane) is not None
+
+
+def test_block_builder_bounds_and_counts() -> None:
+    refs = _events([(MIXED[i % 6][0], {"i": i}) for i in range(600)])
+    builder = BlockBuilder()
+    for type_index, raw, offset, length in refs:
+        builder.add(type_index, raw, memoryview(raw)[offset : offset + length], offset)
+    blocks = [decode_block(element) for element in builder.finish()]
+    assert [block.count for block in blocks] == [256, 256, 88]
+    assert builder.events == 600
+    assert builder.data_bytes == sum(length for *_, length in refs)
+    assert sum(builder.type_counts) == 600
+    assert builder.type_counts[EVENT_TYPES.index("cart")] == 200
+    assert [envelope for block in blocks for _, envelope, _, _ in block.events()] == [raw for _, raw, _, _ in refs]

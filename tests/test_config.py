@@ -44,7 +44,7 @@ DEFAULTS = {
     ("api", "max_concurrency"): 8,
     ("batch", "linger_ms"): 500,
     ("batch", "max_events"): 1000,
-    ("batch", "intake_chunk_events"): 500,
+    ("batch", "intake_chunk_events"): 5000,
     ("batch", "validate_events"): False,
     ("retry", "base_s"): 0.5,
     ("retry", "cap_s"): 300.0,
@@ -421,7 +421,7 @@ def test_to_public_dict_masks_tokens(tmp_path: Path) -> None:
     assert public["batch"] == {
         "linger_ms": 500,
         "max_events": 1000,
-        "intake_chunk_events": 500,
+        "intake_chunk_events": 5000,
         "validate_events": False,
     }
     assert public["source_path"] == str(path)
