@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import secrets
 import socket
 import time
@@ -127,6 +128,40 @@ class Daemon:
         )
 
     # ----------------------------------------------------------------- helpers
+
+    async def bring_forward_retries(self, now_ms: int) -> None:
+        """Make lanes that back off after failed requests due within a jittered window.
+
+        Called when a request succeeds after a quiet spell: the API is back, so lanes
+        whose backoff grew during an outage need not wait it out. The window grows with
+        the number of lanes (about 50 a second, at least 1 s, at most `retry.cap_s`) so
+        that their return is not a storm.
+        Paused lanes (rejected credentials) keep their probe schedule, and throttled lanes
+        the wait that the API asked for.
+        """
+        keys = self.store.keys
+        lanes = await self.redis_call(self.redis.hkeys, keys.attempts)
+        if not lanes:
+            return
+        states = await self.redis_call(self.redis.hmget, keys.lane_state, lanes)
+        retrying = []
+        for lane, state in zip(lanes, states, strict=True):
+            try:
+                record = orjson.loads(state) if state is not None else {}
+                if record.get("state") == "retrying" and not record.get("throttled"):
+                    retrying.append(lane.decode())
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+        if not retrying:
+            return
+        window_ms = min(self.config.retry.cap_s, max(1.0, len(retrying) / 50)) * 1000
+        due = {lane: now_ms + random.uniform(0, window_ms) for lane in retrying}
+        # XX: lanes leased meanwhile are not in the due set and stay out of it.
+        # LT: a lane already due sooner keeps its time.
+        await self.redis_call(self.store.make_due_by, due)
+        log.info("API answered again, retrying lanes that back off sooner", lanes=len(retrying),
+                 window_s=round(window_ms / 1000, 3))
+        self.wake_scheduler()
 
     def wake_scheduler(self) -> None:
         self._wake.set()

@@ -17,7 +17,7 @@ import orjson
 
 from forwarder.backoff import backoff_delay_s, throttle_delay_s
 from forwarder.batch import read_failures
-from forwarder.blocks import encode_block
+from forwarder.blocks import MAX_BLOCK_BYTES, encode_block
 from forwarder.envelope import LANE_BATCH, Item, split_lane
 from forwarder.logs import get_logger
 from forwarder.metrics import DEAD_REASONS, OUTCOMES, bounded
@@ -51,17 +51,21 @@ class LaneState:
     suspects: int = 0
     # Consecutive throttled responses (429 or Retry-After), which never count as attempts.
     throttles: int = 0
+    # The current wait is one the API asked for (Retry-After), so it is never cut short.
+    throttled: bool = False
     state: str = "ok"
     last_error: str | None = None
     last_success_ms: int | None = None
-    # Events per lane element seen in the last read, which sizes the next read.
+    # Events and bytes per lane element seen in the last read, which size the next read.
     events_per_block: float = 8.0
+    bytes_per_block: float = MAX_BLOCK_BYTES
     extra: dict[str, Any] = field(default_factory=dict)
 
     def state_json(self) -> bytes:
-        return orjson.dumps(
-            {"state": self.state, "last_error": self.last_error, "last_success_ms": self.last_success_ms}
-        )
+        return orjson.dumps({
+            "state": self.state, "last_error": self.last_error, "last_success_ms": self.last_success_ms,
+            "throttled": self.throttled,
+        })
 
 
 class LaneLost(Exception):
@@ -91,10 +95,11 @@ class LaneSender:
             max_count = 1 if self.tracker else self.state.cap_events
             peek = await daemon.redis_call(
                 store.peek, self.lease_token, self.lane, max_count, daemon.byte_ceiling,
-                self.state.events_per_block,
+                self.state.events_per_block, self.state.bytes_per_block,
             )
             if peek.prefix.count:
                 self.state.events_per_block = peek.prefix.count / len(peek.prefix.sources)
+                self.state.bytes_per_block = peek.bytes_read / peek.blocks_read
             if peek.status < 0:
                 log.info("lane lease lost", lane=self.lane)
                 return
@@ -166,7 +171,8 @@ class LaneSender:
                         reason = result.error_type or "rejected"
                         dead.append((position, self._dead_meta(
                             items[position], reason, outcome.status, result.error_body, peek)))
-            self._succeeded(peek.now_ms, count)
+            if self._succeeded(peek.now_ms, count):
+                await daemon.bring_forward_retries(peek.now_ms)
             state.cap_events = min(config.batch.max_events, state.cap_events * 2)
             more = await self._ack(peek, count, dead, keep_lease=False)
             if self.last_ack_status != -1:
@@ -209,7 +215,7 @@ class LaneSender:
             log.info("throttled, retrying later", lane=self.lane, status=outcome.status,
                      delay_s=round(delay, 3), retry_after_s=outcome.retry_after_s)
             state.state = "retrying"
-            await self._retry_later(delay, count_attempt=False)
+            await self._retry_later(delay, count_attempt=False, throttled=True)
             return False
 
         now = time.monotonic()
@@ -254,17 +260,26 @@ class LaneSender:
         await self._retry_later(delay, count_attempt=True)
         return False
 
-    def _succeeded(self, now_ms: int, count: int) -> None:
+    def _succeeded(self, now_ms: int, count: int) -> bool:
+        """Record a success; return True when it is the first after a quiet spell.
+
+        After an outage, that first success is the sign that the API is back, and the
+        lanes still backing off from it can be tried again soon.
+        """
         state = self.state
         daemon = self.daemon
-        daemon.last_success = time.monotonic()
+        now = time.monotonic()
+        first_after_gap = now - daemon.last_success > max(1.0, 2 * daemon.config.retry.base_s)
+        daemon.last_success = now
         if state.state != "ok":
             log.info("site lane recovered", lane=self.lane, previous_state=state.state, failures=state.failures)
         state.state = "ok"
         state.throttles = 0
+        state.throttled = False
         self._settled(count)
         state.last_success_ms = now_ms
         daemon.metrics.set_site_state(self.site_id, self.kind, "ok")
+        return first_after_gap
 
     def _settled(self, count: int) -> None:
         """Count `count` head events as delivered or dead; end the streak when no suspect is left."""
@@ -298,8 +313,9 @@ class LaneSender:
         daemon.metrics.retries.labels(self.site_id, "pause_probe").inc()
         await self._retry_later(delay, count_attempt=False)
 
-    async def _retry_later(self, delay_s: float, count_attempt: bool) -> None:
+    async def _retry_later(self, delay_s: float, count_attempt: bool, throttled: bool = False) -> None:
         daemon = self.daemon
+        self.state.throttled = throttled
         if self.state.state == "retrying":
             daemon.metrics.set_site_state(self.site_id, self.kind, "retrying")
         await daemon.redis_call(

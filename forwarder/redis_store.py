@@ -50,7 +50,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from forwarder.blocks import Block, Prefix, decode_block, take_prefix
+from forwarder.blocks import MAX_BLOCK_BYTES, Block, Prefix, decode_block, take_prefix
 
 _COMMON = r"""
 local p = ARGV[1]
@@ -457,8 +457,9 @@ class Peek:
     first_attempt_ms: int | None
     last_attempt_ms: int | None
     prefix: Prefix
-    # Lane elements read to find the prefix, for sizing the next read.
+    # Lane elements and their bytes read to find the prefix, for sizing the next read.
     blocks_read: int
+    bytes_read: int
 
     @property
     def count(self) -> int:
@@ -614,16 +615,22 @@ class RedisStore:
         return Schedule(int(now), None if int(next_due) < 0 else int(next_due), leased)
 
     async def peek(
-        self, token: str, lane: str, max_count: int, max_bytes: int, events_per_block: float = 8.0
+        self, token: str, lane: str, max_count: int, max_bytes: int, events_per_block: float = 8.0,
+        bytes_per_block: float = MAX_BLOCK_BYTES,
     ) -> Peek:
         """Read the prefix of a lane that fits one request, under the lease `token`.
 
         Reading takes no script: only the lease owner pops a lane, and the ack checks the
         lease again, so a read that races a lost lease changes nothing in Redis.
-        `events_per_block` (from earlier reads) sizes the first read to one round trip.
+        `events_per_block` and `bytes_per_block` (means of earlier reads) size the first
+        read to one round trip without reading far more bytes than one request holds.
         """
         keys = self.keys
-        page = max(2, min(MAX_READ_BLOCKS, ceil(max_count / max(events_per_block, 1.0)) + 1))
+        page = max(2, min(
+            MAX_READ_BLOCKS,
+            ceil(max_count / max(events_per_block, 1.0)) + 1,
+            ceil(max_bytes / max(bytes_per_block, 1.0)) + 1,
+        ))
         key = keys.lane(lane)
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.get(keys.lease(lane))
@@ -633,7 +640,7 @@ class RedisStore:
             owner, attempts, (seconds, microseconds), elements = await pipe.execute()
         now_ms = seconds * 1000 + microseconds // 1000
         if owner is None or owner.decode() != token:
-            return Peek(-1, now_ms, 0, None, None, _EMPTY_PREFIX, 0)
+            return Peek(-1, now_ms, 0, None, None, _EMPTY_PREFIX, 0, 0)
         blocks: list[Block] = [decode_block(element) for element in elements]
         events = sum(block.count for block in blocks)
         size = sum(len(element) for element in elements)
@@ -651,7 +658,7 @@ class RedisStore:
             parts = attempts.decode().split(",")
             tries, first, last = int(parts[0]), int(parts[1]), int(parts[2])
         prefix = take_prefix(blocks, max_count, max_bytes)
-        return Peek(1, now_ms, tries, first, last, prefix, len(blocks))
+        return Peek(1, now_ms, tries, first, last, prefix, len(blocks), size)
 
     async def ack(
         self, instance: str, lane: str, ack_id: str, prefix: Prefix, pop: bool, linger_deadline_ms: int,
@@ -701,6 +708,10 @@ class RedisStore:
         if not lanes:
             return 0
         return int(await self._due_now(args=[self._prefix, *lanes]))
+
+    async def make_due_by(self, due_ms: dict[str, float]) -> int:
+        """Move each lane's due time to the given Redis time, only if it is sooner and the lane is due-listed."""
+        return int(await self.client.zadd(self.keys.due, due_ms, xx=True, lt=True))
 
     async def sweep_stranded_lanes(self) -> int:
         return int(await self._sweep(args=[self._prefix]))

@@ -514,3 +514,30 @@ async def test_lost_intake_leadership_is_not_a_crash(
         await sandbox.wait_for(lambda state: state.accepted_count("1001") >= 20, timeout=30)
         assert await daemon.stop() == 0
         assert [event.data["seq"] for event in sandbox.state.events("1001")] == list(range(20))
+
+
+async def test_recovery_brings_forward_backed_off_lanes(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    backed_off = ["1001", "1002", "1003", "1004", "1005"]
+    async with Sandbox(tokens={"token-default": {*backed_off, "1006"}}) as sandbox:
+        outage = sandbox.faults.add("error", status=503)
+        # Full jitter over up to 60 s: without a recovery signal, five lanes would
+        # almost never all be retried within the wait below.
+        env = daemon_env(redis_server.url, sandbox.base_url, retry_base_s=60, retry_cap_s=120, batch_linger_ms=50)
+        daemon = await DaemonProcess(env).start()
+        entries = [envelope(site, "order", n) for site in backed_off for n in range(5)]
+        await push(redis_client, entries)
+        await sandbox.wait_for(
+            lambda state: {record.site for record in state.requests if record.status == 503} >= set(backed_off),
+            timeout=30,
+        )
+        sandbox.faults.remove(outage.id)
+        # A site that never failed shows that the API answers again.
+        await push(redis_client, [envelope("1006", "order", 0)])
+        await sandbox.wait_for(lambda state: state.total_accepted == len(entries) + 1, timeout=20)
+        await daemon.wait_for_log("API answered again, retrying lanes that back off sooner")
+        assert await daemon.stop() == 0
+        for site in backed_off:
+            assert [event.data["seq"] for event in sandbox.state.events(site)] == list(range(5))
+        assert sandbox.state.total_duplicates == 0
