@@ -28,6 +28,7 @@ import orjson
 
 from bench import procs, report, scenarios
 from bench.contenders import Contender, product
+from bench.micro import command_micro
 
 # Peer settings chosen with `python -m bench tune` on this machine (docs/benchmarks.md
 # lists every setting tried). Their CLI options take these names.
@@ -272,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     profile = commands.add_parser("profile", help="summarize a py-spy raw profile")
     profile.add_argument("file")
     profile.add_argument("--top", type=int, default=30)
+    commands.add_parser("micro", help="measure the per-event costs behind the hot-path choices (about 30 s)")
     args = parser.parse_args(argv)
     handler = {"run": command_run, "tune": command_tune, "setup": command_setup, "render": command_render,
-               "profile": command_profile}
+               "profile": command_profile, "micro": command_micro}
     return handler[args.command](args)
 
 

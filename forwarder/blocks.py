@@ -1,9 +1,9 @@
 """Lane blocks: how a lane stores its events, many to one list element.
 
 The intake writes the events of one lane from one chunk as a few blocks, and a lane
-sender reads whole blocks back. Redis then moves a block per list element instead of
-an event, and a block already holds each type's `data` joined by commas, so a batch
-body is assembled from a few slices per block with no Python work per event.
+sender reads whole blocks back. Redis then moves one list element per block instead
+of one per event. A block already holds each type's `data` joined by commas, so a
+batch body is assembled from a few slices per block with no Python work per event.
 
 Layout of a block (integers little-endian):
 

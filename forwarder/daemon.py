@@ -159,7 +159,7 @@ class Daemon:
         # XX: lanes leased meanwhile are not in the due set and stay out of it.
         # LT: a lane already due sooner keeps its time.
         await self.redis_call(self.store.make_due_by, due)
-        log.info("API answered again, retrying lanes that back off sooner", lanes=len(retrying),
+        log.info("API responded after a quiet spell, retrying backed-off lanes sooner", lanes=len(retrying),
                  window_s=round(window_ms / 1000, 3))
         self.wake_scheduler()
 

@@ -5,9 +5,9 @@ event in exactly one place:
 
     {p}:events            producers LPUSH; the oldest entry is at the right end
       -> route            the intake leader reads the oldest entries with LRANGE,
-                          parses them, and one script moves them as blocks to per-lane
-                          lists {p}:lane:<site>:<kind> (envelope problems go to the
-                          dead-letter store instead)
+                          parses them, and one MULTI/EXEC moves them as blocks to
+                          per-lane lists {p}:lane:<site>:<kind> (envelope problems go
+                          to the dead-letter store instead)
       -> peek / ack       the lane's lease owner reads a prefix, sends it, and only
                           then pops it (ack) or moves events to dead letters
 
@@ -542,8 +542,8 @@ class RedisStore:
     ) -> int:
         """Move a chunk, the oldest `entry_count` queue entries, to its lanes as blocks.
 
-        One MULTI/EXEC, guarded by WATCH on the leader key, so that nobody else took the
-        queue's tail meanwhile. The blocks go in plain RPUSH commands: a script would
+        One MULTI/EXEC, guarded by WATCH on the leader key, so that no other instance took
+        the queue's tail meanwhile. The blocks go in plain RPUSH commands: a script would
         copy each of their bytes twice more (measured in docs/benchmarks.md).
         Returns 1 when routed, 0 when this chunk was routed already (a reply lost),
         -1 when not the leader, -2 when the dead letters do not fit in the store, -3

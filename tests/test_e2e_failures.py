@@ -533,10 +533,10 @@ async def test_recovery_brings_forward_backed_off_lanes(
             timeout=30,
         )
         sandbox.faults.remove(outage.id)
-        # A site that never failed shows that the API answers again.
+        # A site that never failed shows that the API responds again.
         await push(redis_client, [envelope("1006", "order", 0)])
         await sandbox.wait_for(lambda state: state.total_accepted == len(entries) + 1, timeout=20)
-        await daemon.wait_for_log("API answered again, retrying lanes that back off sooner")
+        await daemon.wait_for_log("API responded after a quiet spell, retrying backed-off lanes sooner")
         assert await daemon.stop() == 0
         for site in backed_off:
             assert [event.data["seq"] for event in sandbox.state.events(site)] == list(range(5))
