@@ -239,8 +239,19 @@ class Block:
         return events
 
 
+# A lane element written before blocks: type index, data offset and data length in
+# the envelope (big-endian), then the envelope. Read as a block of one event, so lanes
+# left by an earlier version drain after an upgrade.
+_LEGACY_ITEM = struct.Struct(">BII")
+
+
 def decode_block(raw: bytes) -> Block:
     """Decode a block's header; raise BlockError for anything else."""
+    if raw[:1] != bytes([MAGIC]) and len(raw) > _LEGACY_ITEM.size:
+        type_index, offset, length = _LEGACY_ITEM.unpack_from(raw)
+        envelope = raw[_LEGACY_ITEM.size :]
+        if type_index < len(EVENT_TYPES) and offset + length <= len(envelope):
+            return decode_block(encode_block([(type_index, envelope, offset, length)]))
     if len(raw) < _HEADER.size or raw[0] != MAGIC:
         raise BlockError(f"lane element of {len(raw)} bytes is not a block (first byte {raw[:1]!r})")
     _, count, type_count = _HEADER.unpack_from(raw)

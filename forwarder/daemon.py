@@ -1,8 +1,8 @@
 """The daemon: wires the intake, the lane scheduler, lease renewal, observability and
 shutdown together, and supervises every background task.
 
-Events wait in Redis between steps (producer list, claimed list, lanes), and only
-in-flight request bodies are in memory. So memory does not grow with the backlog, the
+Events wait in Redis between steps (producer list, lanes), and only in-flight request
+bodies and one intake chunk are in memory. So memory does not grow with the backlog, the
 number of sites, or the length of an outage.
 """
 
@@ -39,13 +39,15 @@ T = TypeVar("T")
 
 # Errors after which a Redis call is retried on a fresh connection: connection loss,
 # socket timeouts (a blackholed link), a replica that replies READONLY after a failover,
-# and a server still loading its data after a restart.
+# a server still loading its data after a restart, and a server at maxmemory that
+# rejects writes until lanes drain or an operator frees memory.
 REDIS_TRANSIENT = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
     redis_errors.ReadOnlyError,
     redis_errors.BusyLoadingError,
     redis_errors.TryAgainError,
+    redis_errors.OutOfMemoryError,
     ConnectionResetError,
     OSError,
 )
@@ -203,6 +205,11 @@ class Daemon:
                     exc = redis_errors.TimeoutError(f"no reply within {deadline_s:.1f} s")
                 if not is_transient(exc):
                     raise
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Python 3.11's asyncio.timeout can turn a cancellation that arrives
+                    # together with its own timeout into TimeoutError; do not retry then.
+                    raise asyncio.CancelledError from exc
                 failures += 1
                 name = getattr(fn, "__name__", "call")
                 delay = backoff_delay_s(failures, 0.05, 2.0)
@@ -523,8 +530,8 @@ class Daemon:
         self.ready = False
         self.metrics.up.set(0)
 
-        # Stage 1: stop claiming. The intake may be blocked in BLMOVE; cancelling it is
-        # safe because an entry it moved stays in the claimed list, handed back below.
+        # Stage 1: stop reading the queue. The intake may be blocked in BLMOVE; cancelling
+        # it is safe because that BLMOVE moves an entry within the queue itself.
         renewer = [task for task in self._tasks if task.get_name() == "renewer"]
         others = [task for task in self._tasks if task not in renewer]
         for task in others:
@@ -567,7 +574,9 @@ class Daemon:
 
         for task in renewer:
             task.cancel()
-        await asyncio.gather(*renewer, return_exceptions=True)
+        if renewer:
+            # Bounded: a task that does not end on cancellation must not hold the exit.
+            await asyncio.wait(renewer, timeout=max(0.5, hard_deadline - time.monotonic()))
 
         # Stage 4: hand everything back: claimed entries to the queue, leases released.
         remaining = max(0.5, hard_deadline - time.monotonic())

@@ -116,8 +116,11 @@ def parse_envelope(raw: bytes) -> Envelope:
 
     site_id = envelope.site_id
     if isinstance(site_id, int):
+        # A number stands for its digits, so it has the same 32-digit limit as a string.
         if site_id < 0:
             raise EnvelopeError("invalid_site_id", f"site_id must be digits, got {site_id}")
+        if site_id >= 10**32:
+            raise EnvelopeError("invalid_site_id", "site_id must be 1 to 32 digits, got a longer number")
         site_id = str(site_id)
     elif not site_id.isdigit() or not site_id.isascii() or len(site_id) > 32:
         raise EnvelopeError("invalid_site_id", f"site_id must be a string of digits, got {site_id!r:.60}")

@@ -106,10 +106,14 @@ class Intake:
             await self.route(items)
 
     async def _hand_back_claimed(self) -> None:
-        # Entries claimed by an earlier version, which moved chunks to a claimed list.
+        # Left by a version before lane blocks: entries in a claimed list, and lanes
+        # without an event count.
         returned = await self.daemon.redis_call(self.daemon.store.return_claimed, self.daemon.instance_id)
         if returned > 0:
             log.info("claimed entries handed back to the queue", events=returned)
+        counted = await self.daemon.redis_call(self.daemon.store.count_legacy_lanes)
+        if counted:
+            log.info("lanes from an earlier version counted", lanes=counted)
 
     async def route(self, items: list[bytes]) -> None:
         daemon = self.daemon
@@ -150,16 +154,22 @@ class Intake:
             blocks = builder.finish()
             routed[lane] = (builder.events, builder.data_bytes + builder.events, blocks)
         chunk_id = f"{daemon.instance_id}:{next(self._chunk_ids)}"
+        conflicts = 0
         while True:
             result = await daemon.redis_call(
                 daemon.store.route, daemon.instance_id, chunk_id, len(items), items[0], config.batch.linger_ms,
                 config.batch.max_events, daemon.byte_ceiling, config.dead_letter.max_entries,
                 config.dead_letter.max_bytes, routed, dead,
             )
-            # A watched key changed (a lease renewal, a dead letter written by a lane):
-            # try again, and the checks decide afresh.
+            # A watched key changed (a renewal of the leadership): try again, and the
+            # checks decide afresh.
             if result != -4:
                 break
+            conflicts += 1
+            if conflicts % 10 == 0:
+                log.warning("route transaction keeps being aborted by changes to watched keys",
+                            attempts=conflicts, events=len(items))
+                await daemon.wait_stopping(min(1.0, 0.01 * conflicts))
         if result == -1:
             log.warning("intake leadership lost", instance=daemon.instance_id,
                         detail="the chunk stays in the queue for the next leader")

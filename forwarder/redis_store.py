@@ -259,6 +259,20 @@ redis.call('HSET', acked, lane, ack_id .. '|3')
 return {3, now}
 """
 
+# ARGV: prefix. Gives every lane with events but no event count (lanes written before
+# blocks, one event per element) the count that the ack scripts decrement.
+_COUNT_LEGACY_LANES = r"""
+local p = ARGV[1]
+local counted = 0
+for _, lane in ipairs(redis.call('HKEYS', p .. ':lanes:bytes')) do
+  if redis.call('HEXISTS', p .. ':lanes:count', lane) == 0 then
+    redis.call('HSET', p .. ':lanes:count', lane, redis.call('LLEN', p .. ':lane:' .. lane))
+    counted = counted + 1
+  end
+end
+return counted
+"""
+
 # ARGV: prefix, lease token, lane, delay_ms, count_attempt (0/1), state_json
 # Records a failed try of the lane's head and releases the lane until now + delay.
 # Returns {attempts, first_ms, now_ms}, or {-1, 0, 0} when the lease is not ours.
@@ -499,6 +513,7 @@ class RedisStore:
         self.keys = Keys(prefix)
         self._prefix = prefix
         self._return_claimed = client.register_script(_RETURN_CLAIMED)
+        self._count_legacy_lanes = client.register_script(_COUNT_LEGACY_LANES)
         self._schedule = client.register_script(_SCHEDULE)
         self._ack = client.register_script(_ACK)
         self._retry = client.register_script(_RETRY)
@@ -570,7 +585,10 @@ class RedisStore:
     ) -> int:
         keys = self.keys
         async with self.client.pipeline(transaction=True) as pipe:
-            await pipe.watch(keys.leader, keys.routed, keys.dead_index)
+            # NOTE: the dead-letter store is checked but not watched: lanes write dead
+            # letters all the time during a poison storm, and watching it would starve
+            # the intake. Concurrent acks can take the store a little past max_entries.
+            await pipe.watch(keys.leader, keys.routed)
             leader, routed = await pipe.mget(keys.leader, keys.routed)
             if leader is None or leader.decode() != instance:
                 return -1
@@ -601,6 +619,9 @@ class RedisStore:
             pipe.set(keys.routed, chunk_id)
             await pipe.execute()
         return 1
+
+    async def count_legacy_lanes(self) -> int:
+        return int(await self._count_legacy_lanes(args=[self._prefix]))
 
     async def return_claimed(self, instance: str) -> int:
         return int(await self._return_claimed(args=[self._prefix, instance]))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import struct
+
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -353,3 +355,20 @@ def test_block_builder_bounds_and_counts() -> None:
     assert sum(builder.type_counts) == 600
     assert builder.type_counts[EVENT_TYPES.index("cart")] == 200
     assert [envelope for block in blocks for _, envelope, _, _ in block.events()] == [raw for _, raw, _, _ in refs]
+
+
+async def test_lane_from_earlier_version_drains(store: RedisStore) -> None:
+    # Before blocks, a lane element was one event: type, data offset and length, envelope.
+    lane = "7:batch"
+    refs = _events(MIXED[:3])
+    legacy = [struct.pack(">BII", type_index, offset, length) + raw for type_index, raw, offset, length in refs]
+    await store.client.rpush(store.keys.lane(lane), *legacy)
+    await store.client.hset(store.keys.lane_bytes, lane, 100)
+    assert await store.count_legacy_lanes() == 1
+    assert int(await store.client.hget(store.keys.lane_count, lane)) == 3
+    token = await _lease(store, lane)
+    peek = await store.peek(token, lane, 2, 10_000_000)
+    assert [envelope for _, envelope, _, _ in peek.prefix.events()] == [raw for _, raw, _, _ in refs[:2]]
+    await _ack(store, token, lane, "legacy", peek)
+    assert await store.client.lrange(store.keys.lane(lane), 0, -1) == legacy[2:]
+    assert int(await store.client.hget(store.keys.lane_count, lane)) == 1

@@ -28,6 +28,7 @@ from forwarder.envelope import EnvelopeError, parse_envelope
         (b'{"site_id":"abc","type":"cart","data":{}}', "invalid_site_id"),
         (b'{"site_id":"","type":"cart","data":{}}', "invalid_site_id"),
         (b'{"site_id":-5,"type":"cart","data":{}}', "invalid_site_id"),
+        (b'{"site_id":123456789012345678901234567890123,"type":"cart","data":{}}', "invalid_site_id"),
         (b'{"site_id":1.5,"type":"cart","data":{}}', "invalid_site_id"),
         (b'{"site_id":null,"type":"cart","data":{}}', "invalid_site_id"),
         (b'{"site_id":"\xd9\xa3","type":"cart","data":{}}', "invalid_site_id"),
