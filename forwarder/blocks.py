@@ -92,7 +92,7 @@ class BlockBuilder:
         self._size = 0
 
     def add(self, type_index: int, envelope: Any, data: Any, offset: int) -> None:
-        """Add one event: `data` (any buffer) is the same bytes as `envelope` holds at `offset`."""
+        """Add one event: `data` (any buffer) equals the bytes of `envelope` at `offset`."""
         # Called once per event on the intake's hot path: only appends here, and the
         # per-event arithmetic happens in _close in comprehensions.
         self._types.append(type_index)
@@ -109,6 +109,7 @@ class BlockBuilder:
         datas = self._datas
         offsets = self._offsets
         count = len(types)
+
         lengths = list(map(len, datas))
         suffixes = [
             len(envelope) - offset - length
@@ -121,6 +122,7 @@ class BlockBuilder:
             for type_index, data in zip(types, datas, strict=True):
                 by_type.setdefault(type_index, []).append(data)
             groups = sorted(by_type.items())
+
         table = []
         runs = []
         for type_index, group in groups:
@@ -130,6 +132,7 @@ class BlockBuilder:
             self.type_counts[type_index] += len(group)
         self.events += count
         self.data_bytes += sum(lengths)
+
         self.blocks.append(b"".join([
             _HEADER.pack(MAGIC, count, len(table)), *table, types,
             struct.pack(f"<{3 * count}I", *lengths, *offsets, *suffixes), *runs,
@@ -171,7 +174,7 @@ class Block:
 
     @property
     def data_bytes(self) -> int:
-        # A run holds its events' data and a comma between each two of them.
+        # A run is its events' data with a comma between each two of them.
         return sum(length - count + 1 for _, count, _, length in self.runs)
 
     def lengths(self) -> tuple[int, ...]:
@@ -181,13 +184,14 @@ class Block:
         return self._lengths
 
     def split(self, taken: int) -> tuple[list[tuple[int, memoryview]], bytes]:
-        """Split after `taken` events: the runs of the first ones, and the rest as a new block."""
+        """Split after the first `taken` events: their runs, and the other events as a new block."""
         count = self.count
         lengths = self.lengths()
         types = self.type_sequence
         run_taken: dict[int, list[int]] = {}
         for position in range(taken):
             run_taken.setdefault(types[position], []).append(lengths[position])
+
         view = memoryview(self.raw)
         head = []
         table = []
@@ -202,6 +206,7 @@ class Block:
                 rest = view[offset + cut + 1 : offset + length]
                 table.append(_TYPE_ENTRY.pack(type_index, events - len(taken_lengths), len(rest)))
                 rest_runs.append(rest)
+
         rest_count = count - taken
         prefix_at = self.parts_offset
         suffix_at = prefix_at + sum(lengths[count : 2 * count])

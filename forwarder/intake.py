@@ -37,7 +37,7 @@ log = get_logger(__name__)
 
 # Slack on top of max_batch_bytes for the envelope around `data` (site_id, type, id).
 ENVELOPE_SLACK_BYTES = 4096
-# The daemon holds a chunk's entries in memory while it routes them, so a chunk is
+# The daemon keeps a chunk's entries in memory while it routes them, so a chunk is
 # bounded by count and, from the sizes of the previous chunk, by bytes.
 MAX_CHUNK_EVENTS = 5000
 CHUNK_BYTES = 16 * 1024 * 1024
@@ -47,7 +47,7 @@ MAX_ROUTES = 10_000
 
 @dataclass(slots=True, frozen=True)
 class _Route:
-    """Where events of one site and batch type go, known valid from an earlier full check."""
+    """Destination of events of one site and batch type, checked in full once before."""
 
     lane: str
     type_index: int
@@ -71,8 +71,8 @@ class Intake:
         while not daemon.stopping.is_set():
             # Read on every pass, so that a reload's limits apply to the next claim.
             config = daemon.config
-            # NOTE: the first read after a run of small entries can still bring a
-            # chunk of large ones into memory; the next read is then cut down.
+            # NOTE: the first read after a run of small entries can still bring a chunk
+            # of large ones into memory. Only the next read is cut down.
             chunk = min(config.batch.intake_chunk_events, MAX_CHUNK_EVENTS,
                         max(1, CHUNK_BYTES // self._entry_bytes))
             if not self.leader:

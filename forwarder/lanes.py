@@ -360,8 +360,8 @@ class LaneSender:
             self.state.state = "retrying"
             self.state.last_error = "dead-letter store full"
             # The failed events now lead the lane. A smaller next batch also needs fewer
-            # dead letters at once, so a batch with more failures than the whole store
-            # holds does not come back unchanged forever.
+            # dead letters at once, so a batch with more failures than the store has room
+            # for does not come back unchanged forever.
             self.state.cap_events = max(1, min(self.state.cap_events, len(dead)) // 2)
             await self._retry_later(5.0, count_attempt=False)
             return False

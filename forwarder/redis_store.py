@@ -76,8 +76,8 @@ end
 # ARGV: prefix, linger_ms, count_trigger, size_trigger, lane_count, then per lane: name,
 #       events, bytes; then dead count, then per dead letter: index in the chunk (0 is
 #       the oldest entry), meta JSON.
-# The bookkeeping part of a route, run inside its MULTI before the LTRIM that takes the
-# chunk off the queue, so that dead letters copy their entries from the queue.
+# The bookkeeping part of a route. It runs inside the route's MULTI before the LTRIM that
+# takes the chunk off the queue, so dead letters copy their entries from the queue.
 _ROUTE_BOOKKEEPING = _COMMON + r"""
 local linger = tonumber(ARGV[2])
 local count_trigger = tonumber(ARGV[3])
@@ -563,7 +563,7 @@ class RedisStore:
         Returns 1 when routed, 0 when this chunk was routed already (a reply lost),
         -1 when not the leader, -2 when the dead letters do not fit in the store, -3
         when the oldest entry is not `oldest_entry`, and -4 when a watched key changed
-        before EXEC; nothing is done in the last four cases.
+        before EXEC. Nothing is done in the last four cases.
         """
         try:
             return await self._route_watched(
